@@ -1,0 +1,255 @@
+"""The one home of every setting: a pydantic `PipelineConfig`, nested per stage.
+
+Load a YAML file and override single values from the command line:
+
+    cfg = load_config("configs/quick.yaml", overrides=["select.ratio=0.2", "train.epochs=1"])
+
+Every field is documented (the text becomes `--help` and the Prefect UI form) and bounded; all
+problems of a config are reported together in one `ConfigError` that names each field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message lists every problem with its field path."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are typos, not extensions: reject them so `select.ratoi=0.2` is never ignored.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TinyModelConfig(_Section):
+    """A small random Llama built locally: for tests and the quick pipeline, no download."""
+
+    vocab_size: int = Field(512, ge=64, le=65536, description="BPE vocabulary size of the locally trained tokenizer")
+    hidden_size: int = Field(64, ge=8, le=4096, description="model width")
+    intermediate_size: int = Field(128, ge=8, le=16384, description="MLP width")
+    num_layers: int = Field(2, ge=1, le=64, description="decoder layers")
+    num_heads: int = Field(4, ge=1, le=64, description="attention heads (hidden_size must divide by it)")
+    seed: int = Field(0, description="seed of the random weights and of the tokenizer training")
+    chat_template: bool = Field(
+        True,
+        description="give the tokenizer a chat template (ChatML-like); false uses the reference "
+        "'Human:/Assistant:' rendering",
+    )
+
+
+class ModelConfig(_Section):
+    """The base model: the aligned model the user wants to fine-tune."""
+
+    path: str | None = Field(
+        None,
+        description="local folder of a Hugging Face model (config, weights, tokenizer). Hub ids are not "
+        "fetched at run time: download once, then point here. None means use `tiny`.",
+    )
+    tiny: TinyModelConfig | None = Field(None, description="build a tiny random model instead of loading `path`")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="weights dtype when loading; bfloat16 halves memory on GPUs"
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelConfig":
+        if (self.path is None) == (self.tiny is None):
+            raise ValueError("set exactly one of model.path (a local HF folder) or model.tiny")
+        return self
+
+
+class DataConfig(_Section):
+    """Where the three data sets come from (files at any fsspec URL, or `hf://name` datasets)."""
+
+    custom: str = Field(..., description="the user's fine-tuning data D^cus (jsonl/json/parquet/dataset)")
+    harmful: str = Field(..., description="harmful reference set D^h: harmful prompts with compliant answers")
+    utility: str = Field(..., description="utility reference set D^u: good examples of the downstream task")
+    max_len: int = Field(2048, ge=8, le=131072, description="token limit; longer samples are cut from the right")
+    limit: int | None = Field(None, ge=1, description="use only the first N samples of each set (None: all)")
+
+
+class LoraConfig(_Section):
+    r: int = Field(16, ge=1, le=1024, description="LoRA rank; paper: 16")
+    alpha: int = Field(16, ge=1, description="LoRA alpha (scale = alpha / r); paper: 16")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout; paper: 0")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "v_proj"], description="module names that get adapters; paper: q_proj, v_proj"
+    )
+
+
+class TrainConfig(_Section):
+    """One recipe shared by both reference models and the selective fine-tune (the paper's)."""
+
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    lr: float = Field(1e-5, gt=0, lt=1, description="peak learning rate; paper: 1e-5")
+    schedule: Literal["constant", "cosine"] = Field("constant", description="learning-rate schedule; paper: constant")
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps")
+    epochs: float = Field(2, gt=0, le=100, description="passes over the data; paper: 2")
+    batch_size: int = Field(64, ge=1, description="samples per optimizer step (global batch); paper: 64")
+    micro_batch_size: int = Field(
+        4, ge=1, description="samples per forward pass; batch_size/micro_batch_size steps are accumulated"
+    )
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay; paper: 0")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas; paper: (0.9, 0.95)")
+    grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm; None disables clipping")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast (paper) or fp32")
+    loss_norm: Literal["token", "sample"] = Field(
+        "token",
+        description="'token': mean over kept tokens of the whole step (standard); 'sample': mean per "
+        "sample, then over samples (the reference code's behaviour)",
+    )
+    gradient_checkpointing: bool = Field(False, description="recompute activations: less memory, ~30% slower")
+    deepspeed: dict[str, Any] | str | None = Field(
+        None,
+        description="DeepSpeed config (dict or path to a JSON file), e.g. {'zero_optimization': {'stage': 2}}; "
+        "None trains with plain Accelerate",
+    )
+    seed: int = Field(0, description="seed of initialisation, data order and dropout")
+    checkpoint_every: int = Field(
+        0, ge=0, description="save a resumable checkpoint to the store every N optimizer steps (0: never)"
+    )
+    log_every: int = Field(10, ge=1, description="optimizer steps between metric lines")
+    max_steps: int | None = Field(None, ge=1, description="stop after N optimizer steps (None: run all epochs)")
+
+    @model_validator(mode="after")
+    def _accumulation_divides(self) -> "TrainConfig":
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"batch_size={self.batch_size} must be a multiple of micro_batch_size={self.micro_batch_size}"
+            )
+        return self
+
+
+class ScoreConfig(_Section):
+    shards: int = Field(1, ge=1, le=100000, description="split the custom set into N shards scored independently")
+    max_tokens_per_batch: int = Field(
+        8192, ge=64, description="token budget of a scoring batch (samples are grouped by length)"
+    )
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="model weights/activations dtype; losses are always computed in float32"
+    )
+
+
+class SelectConfig(_Section):
+    mode: Literal["global", "sample", "threshold"] = Field(
+        "global",
+        description="'global': drop the top ratio of all response tokens (paper); 'sample': the top ratio "
+        "within each sample; 'threshold': drop tokens with score > threshold",
+    )
+    ratio: float = Field(0.1, gt=0, lt=1, description="share of response tokens to DISCARD; paper: 0.1")
+    threshold: float | None = Field(None, description="score cut-off for mode 'threshold'")
+
+    @model_validator(mode="after")
+    def _threshold_needs_value(self) -> "SelectConfig":
+        if self.mode == "threshold" and self.threshold is None:
+            raise ValueError("mode 'threshold' needs select.threshold")
+        return self
+
+
+class ProConfig(_Section):
+    """TOSS-Pro: progressive refinement of the safety-degraded model (SPEC section 5)."""
+
+    rounds: int = Field(2, ge=0, le=20, description="refinement rounds after round 0; paper: 1-2 suffice")
+    mode: Literal["tokens", "samples"] = Field(
+        "tokens",
+        description="'tokens': add custom samples with labels only on their flagged tokens; 'samples': add "
+        "the first k flagged samples whole (paper's Algorithm 1), cumulatively",
+    )
+    samples_k: float = Field(
+        0.01, gt=0, description="mode 'samples': k as a share of the custom set (<1) or a count (>=1)"
+    )
+
+
+class EvalConfig(_Section):
+    enabled: bool = Field(False, description="run the evaluation stage after the fine-tune")
+
+
+class StoreConfig(_Section):
+    url: str = Field("./store", description="artifact store: a local folder or any fsspec URL (s3://bucket/prefix)")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options (e.g. endpoint_url); secrets belong in the environment"
+    )
+
+
+class PipelineConfig(_Section):
+    """Everything a TOSS / TOSS-Pro run needs. Defaults follow the paper (SPEC.md)."""
+
+    name: str = Field("toss", description="run name shown in reports")
+    model: ModelConfig
+    data: DataConfig
+    reference: TrainConfig = Field(
+        default_factory=TrainConfig, description="recipe of the two reference models (safety-degraded, utility)"
+    )
+    finetune: TrainConfig = Field(default_factory=TrainConfig, description="recipe of the selective fine-tune")
+    score: ScoreConfig = Field(default_factory=ScoreConfig)
+    select: SelectConfig = Field(default_factory=SelectConfig)
+    pro: ProConfig = Field(default_factory=ProConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+
+
+def _parse_value(text: str) -> Any:
+    # YAML scalars give the natural types: 0.2 -> float, true -> bool, [a, b] -> list, null -> None.
+    return yaml.safe_load(text)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` strings to a nested dict (values parsed as YAML)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. select.ratio=0.2")
+        dotted, value = item.split("=", 1)
+        node = raw
+        *parents, leaf = dotted.strip().split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+            node = child
+        node[leaf] = _parse_value(value)
+    return raw
+
+
+def _format_errors(err: ValidationError, origin: str) -> str:
+    lines = [f"{origin}: {err.error_count()} problem(s):"]
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"  - {field}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **base: Any) -> PipelineConfig:
+    """Read a YAML config, apply `--set` style overrides, validate; raise one ConfigError listing all problems."""
+    raw: dict[str, Any] = dict(base)
+    origin = "config"
+    if path is not None:
+        origin = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level, got {type(loaded).__name__}")
+        raw.update(loaded)
+        # Relative data paths in a config file are relative to the file, so configs work from any cwd.
+        _resolve_relative_paths(raw, Path(path).resolve().parent)
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, origin)) from None
+
+
+def _resolve_relative_paths(raw: dict[str, Any], base_dir: Path) -> None:
+    data = raw.get("data")
+    if isinstance(data, dict):
+        for name in ("custom", "harmful", "utility"):
+            value = data.get(name)
+            if isinstance(value, str) and "://" not in value and not value.startswith(("/", "hf:", "datasets:")):
+                data[name] = str((base_dir / value).resolve())

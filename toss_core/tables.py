@@ -1,0 +1,185 @@
+"""Parquet tables that stages hand to each other, and the digest that ties them together.
+
+Three tables, one row per sample, list columns aligned with `input_ids` position by position:
+
+    tokens  sample_id int64 | input_ids list<int32> | response_mask list<bool> | ids_digest string | meta string (JSON)
+    scores  sample_id int64 | ids_digest string | loss list<float32>        (NaN where not a response token)
+    mask    sample_id int64 | ids_digest string | discard list<bool> | score list<float32>
+
+`ids_digest` is a digest of the sample's `input_ids`. A score or mask row is only ever applied to a
+token row with the same digest; a mismatch is an error, never a silent shift (SPEC section 1).
+Rows are sorted by `sample_id` inside a file; a table may be split over several files (shards).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+TOKENS_SCHEMA = pa.schema(
+    [
+        ("sample_id", pa.int64()),
+        ("input_ids", pa.list_(pa.int32())),
+        ("response_mask", pa.list_(pa.bool_())),
+        ("ids_digest", pa.string()),
+        ("meta", pa.string()),
+    ]
+)
+SCORES_SCHEMA = pa.schema(
+    [("sample_id", pa.int64()), ("ids_digest", pa.string()), ("loss", pa.list_(pa.float32()))]
+)
+MASK_SCHEMA = pa.schema(
+    [
+        ("sample_id", pa.int64()),
+        ("ids_digest", pa.string()),
+        ("discard", pa.list_(pa.bool_())),
+        ("score", pa.list_(pa.float32())),
+    ]
+)
+
+
+class TableError(ValueError):
+    """A table that does not have the documented columns, or does not line up with its token table."""
+
+
+def ids_digest(input_ids: Sequence[int] | np.ndarray) -> str:
+    """Digest of one sample's token ids (int32 little-endian bytes): 16 bytes of blake2b, hex."""
+    data = np.asarray(input_ids, dtype="<i4").tobytes()
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def list_array(values: np.ndarray, offsets: np.ndarray, value_type: pa.DataType) -> pa.ListArray:
+    """A list column from flat values and int32/int64 offsets, without a Python loop."""
+    return pa.ListArray.from_arrays(pa.array(offsets, type=pa.int32()), pa.array(values, type=value_type))
+
+
+def flat_values(column: pa.ChunkedArray | pa.ListArray, dtype) -> np.ndarray:
+    """Flat numpy values of a list column (all rows concatenated)."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    return column.flatten().to_numpy(zero_copy_only=False).astype(dtype, copy=False)
+
+
+def list_offsets(column: pa.ChunkedArray | pa.ListArray) -> np.ndarray:
+    """Offsets (n_rows + 1, starting at 0) of a list column."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+    return np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+
+
+def check_columns(table_or_schema: pa.Table | pa.Schema, expected: pa.Schema, source: str) -> None:
+    schema = table_or_schema.schema if isinstance(table_or_schema, pa.Table) else table_or_schema
+    missing = [f.name for f in expected if f.name not in schema.names]
+    if missing:
+        raise TableError(
+            f"{source}: missing column(s) {missing}; found {schema.names}. Expected the documented columns "
+            f"{expected.names} (see toss_core/tables.py)."
+        )
+
+
+def read_table(files: Sequence[str], expected: pa.Schema, columns: Sequence[str] | None = None,
+               filesystem=None) -> pa.Table:
+    """Read shards into one table sorted by sample_id, checking the columns."""
+    if not files:
+        raise TableError("no Parquet files to read")
+    parts = []
+    for f in files:
+        schema = pq.read_schema(f, filesystem=filesystem)
+        check_columns(schema, expected, f)
+        parts.append(pq.read_table(f, columns=list(columns) if columns else None, filesystem=filesystem))
+    table = pa.concat_tables(parts).combine_chunks()
+    return sort_by_sample(table)
+
+
+def sort_by_sample(table: pa.Table) -> pa.Table:
+    ids = table.column("sample_id").to_numpy()
+    if len(ids) > 1 and np.any(np.diff(ids) <= 0):
+        order = np.argsort(ids, kind="stable")
+        ids_sorted = ids[order]
+        dup = np.flatnonzero(np.diff(ids_sorted) == 0)
+        if len(dup):
+            raise TableError(f"sample_id {int(ids_sorted[dup[0]])} appears more than once")
+        table = table.take(pa.array(order))
+    return table
+
+
+def iter_batches(files: Sequence[str], columns: Sequence[str], batch_rows: int, filesystem=None) -> Iterator[pa.Table]:
+    """Stream a (possibly sharded) table in sample_id order, `batch_rows` rows at a time.
+
+    Shards must each be sorted and must not overlap (as every stage writes them); they are visited in
+    the order of their first sample_id, so the split into files does not change what is streamed.
+    """
+    firsts = []
+    for f in files:
+        pf = pq.ParquetFile(f, filesystem=filesystem)
+        if pf.metadata.num_rows == 0:
+            continue
+        first = pf.read_row_group(0, columns=["sample_id"]).column(0)[0].as_py()
+        firsts.append((first, f))
+    last_id = None
+    for _, f in sorted(firsts):
+        pf = pq.ParquetFile(f, filesystem=filesystem)
+        for batch in pf.iter_batches(batch_size=batch_rows, columns=list(columns)):
+            ids = batch.column("sample_id").to_numpy()
+            if (last_id is not None and ids[0] <= last_id) or np.any(np.diff(ids) <= 0):
+                raise TableError(f"{f}: sample_id not strictly increasing across shards (overlapping shards?)")
+            last_id = ids[-1]
+            yield pa.Table.from_batches([batch])
+
+
+class RowStream:
+    """Hands out the next N rows of a sharded table, whatever its batch boundaries (to zip tables)."""
+
+    def __init__(self, files: Sequence[str], columns: Sequence[str], batch_rows: int = 4096, filesystem=None):
+        self._batches = iter_batches(files, columns, batch_rows, filesystem)
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
+
+    def take(self, n: int, exact: bool = True) -> pa.Table:
+        """The next n rows; with exact=False, fewer when the table ends."""
+        while self._pending_rows < n:
+            batch = next(self._batches, None)
+            if batch is None:
+                break
+            self._pending.append(batch)
+            self._pending_rows += batch.num_rows
+        table = pa.concat_tables(self._pending) if self._pending else None
+        if table is not None and not exact:
+            n = min(n, table.num_rows)
+        if table is None or table.num_rows < n:
+            have = 0 if table is None else table.num_rows
+            raise TableError(f"table ended early: needed {n} more rows, found {have}")
+        head, rest = table.slice(0, n), table.slice(n)
+        self._pending, self._pending_rows = ([rest] if rest.num_rows else []), rest.num_rows
+        return head
+
+    def exhausted(self) -> bool:
+        if self._pending_rows:
+            return False
+        batch = next(self._batches, None)
+        if batch is None:
+            return True
+        self._pending, self._pending_rows = [batch], batch.num_rows
+        return False
+
+
+def check_aligned(tokens: pa.Table, other: pa.Table, what: str) -> None:
+    """Raise unless `other` has the same samples, in the same order, with the same ids digests."""
+    a, b = tokens.column("sample_id"), other.column("sample_id")
+    if len(a) != len(b) or not pc.all(pc.equal(a, b)).as_py():
+        raise TableError(
+            f"{what}: sample ids differ from the token table's (was it computed from another token table?)"
+        )
+    same = pc.equal(tokens.column("ids_digest"), other.column("ids_digest"))
+    if not pc.all(same).as_py():
+        bad = int(np.flatnonzero(~same.to_numpy(zero_copy_only=False))[0])
+        raise TableError(
+            f"{what}: ids_digest of sample {a[bad].as_py()} differs from the token table's: it was computed "
+            f"from different tokens. Recompute it from this token table; masks are never shifted to fit."
+        )

@@ -1,0 +1,232 @@
+"""The one LoRA training loop: both reference models, the selective fine-tune and TOSS-Pro rounds.
+
+    metrics = train_lora(base_dir, examples, TrainConfig(...), out_dir, checkpoints=ckpt)
+
+What it does, top to bottom (the loop reads like the recipe in SPEC section 4):
+- a fresh LoRA adapter on the base model, AdamW, constant or cosine schedule with warm-up;
+- step s of epoch e takes `batch_size` samples of a permutation seeded by (seed, e), so the data
+  order is a function of the step number: a resumed run continues with exactly the same batches;
+- each step is split into micro-batches (gradient accumulation); losses are normalised by the kept
+  tokens of the WHOLE step ('token') or per sample then over the step's samples ('sample'), so heavily
+  masked micro-batches are not over-weighted, and a sample with no kept token adds exactly zero;
+- grad clipping, bf16 autocast if asked, gradient checkpointing if asked;
+- every `checkpoint_every` steps: adapter + optimizer + scheduler + RNG + step saved through
+  `checkpoints` (the artifact store); on start the newest complete checkpoint is restored.
+Accelerate places the model and handles data parallelism; a DeepSpeed config in `cfg.deepspeed` runs
+the same loop on a DeepSpeed engine (ZeRO) instead (see `toss_core.distributed`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from toss_core.config import TrainConfig
+from toss_core.faults import maybe_fail
+from toss_core.models import attach_lora, load_model
+from toss_core.train_data import Example
+
+
+class Checkpoints(Protocol):
+    """Where resumable state goes (the artifact store binds it to a stage and key)."""
+
+    def latest(self) -> tuple[int, Path] | None: ...
+    def save(self, step: int, local_dir: Path) -> None: ...
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+# ---- schedule and data order --------------------------------------------------------------------
+
+def plan_steps(n_examples: int, cfg: TrainConfig) -> tuple[int, int]:
+    """(steps per epoch, total optimizer steps)."""
+    per_epoch = math.ceil(n_examples / cfg.batch_size)
+    total = math.ceil(cfg.epochs * per_epoch)
+    return per_epoch, min(total, cfg.max_steps) if cfg.max_steps else total
+
+
+def step_indices(step: int, n_examples: int, per_epoch: int, cfg: TrainConfig) -> np.ndarray:
+    epoch, j = divmod(step, per_epoch)
+    perm = np.random.default_rng([cfg.seed, epoch]).permutation(n_examples)
+    return perm[j * cfg.batch_size : (j + 1) * cfg.batch_size]
+
+
+def lr_lambda(cfg: TrainConfig, total_steps: int):
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ids, attention mask and a bool label mask (B, T)."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(examples), width), dtype=torch.long)
+    labels = torch.zeros((len(examples), width), dtype=torch.bool)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.from_numpy(e.input_ids.astype(np.int64))
+        attn[i, :n] = 1
+        labels[i, :n] = torch.from_numpy(e.labels)
+    return {"input_ids": ids, "attention_mask": attn, "labels": labels}
+
+
+# ---- loss ---------------------------------------------------------------------------------------
+
+def per_token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) float32 losses; position t holds -log P(token t | < t); position 0 is 0."""
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    nll = -logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    return torch.nn.functional.pad(nll, (1, 0))
+
+
+def masked_loss(nll: torch.Tensor, labels: torch.Tensor, norm: str, step_tokens: int, step_samples: int) -> torch.Tensor:
+    """This micro-batch's share of the step loss (sums to the step mean over all micro-batches).
+
+    'token': sum of kept-token losses / kept tokens of the step.
+    'sample': sum over samples of (mean kept-token loss of the sample) / samples of the step with any
+    kept token. A sample with no kept token adds 0 in both (never 0/0 = NaN).
+    """
+    kept = nll * labels
+    if norm == "token":
+        return kept.sum() / max(step_tokens, 1)
+    per_sample = kept.sum(dim=1) / labels.sum(dim=1).clamp(min=1)
+    return per_sample.sum() / max(step_samples, 1)
+
+
+# ---- checkpoints --------------------------------------------------------------------------------
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---- the loop -----------------------------------------------------------------------------------
+
+def train_lora(
+    base_dir: str | Path,
+    examples: list[Example],
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    *,
+    dtype: str = "float32",
+    checkpoints: Checkpoints | None = None,
+    desc: str = "train",
+    progress: bool = True,
+    fault_stage: str = "train",
+) -> dict:
+    """Train a fresh LoRA adapter on `examples`; save it (PEFT format) to `out_dir`; return metrics."""
+    from toss_core.distributed import make_engine
+
+    if not examples:
+        raise TrainingError(f"{desc}: no training examples (is the data set empty, or every label masked?)")
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+
+    model = attach_lora(load_model(base_dir, dtype=dtype), cfg.lora)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.train()
+    per_epoch, total_steps = plan_steps(len(examples), cfg)
+    engine = make_engine(model, cfg, total_steps, lr_lambda(cfg, total_steps))
+    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+
+    start_step = 0
+    if checkpoints is not None and (found := checkpoints.latest()) is not None:
+        start_step, path = found
+        engine.load_state(path)
+        _set_rng_state(torch.load(Path(path) / "rng.pt", weights_only=False))
+        engine.print(f"{desc}: resuming from the checkpoint at step {start_step}/{total_steps}")
+
+    history: list[dict] = []
+    tokens_seen, t0 = 0, time.perf_counter()
+    bar = tqdm(total=total_steps, initial=start_step, desc=desc, disable=not (progress and engine.is_main), unit="step")
+    autocast = (
+        torch.autocast(device_type=engine.device.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else nullcontext()
+    )
+    for step in range(start_step, total_steps):
+        batch = [examples[i] for i in step_indices(step, len(examples), per_epoch, cfg)]
+        step_tokens = int(sum(e.labels.sum() for e in batch))
+        step_samples = sum(1 for e in batch if e.labels.any())
+        mine = batch[engine.rank :: engine.world_size]  # data parallel: each process its slice
+        micro = [mine[i : i + cfg.micro_batch_size] for i in range(0, len(mine), cfg.micro_batch_size)]
+        step_loss = 0.0
+        for k, mb in enumerate(micro):
+            b = {name: t.to(engine.device) for name, t in collate(mb, pad_id).items()}
+            with engine.accumulating(last=k == len(micro) - 1), autocast:
+                logits = engine.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+                loss = masked_loss(per_token_nll(logits, b["input_ids"]), b["labels"], cfg.loss_norm,
+                                   step_tokens, step_samples)
+            engine.backward(loss)
+            step_loss += loss.item()
+        engine.step(cfg.grad_clip)
+        tokens_seen += step_tokens
+        done = step + 1
+        if done % cfg.log_every == 0 or done == total_steps:
+            rate = tokens_seen / max(time.perf_counter() - t0, 1e-9)
+            row = {"step": done, "loss": round(step_loss, 6), "lr": engine.lr(), "tokens": step_tokens,
+                   "tokens_per_second": round(rate, 1)}
+            history.append(row)
+            bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{rate:,.0f}")
+        bar.update(1)
+        if checkpoints is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < total_steps:
+            _save_checkpoint(engine, checkpoints, done)
+        maybe_fail(fault_stage, done)
+    bar.close()
+
+    out = Path(out_dir)
+    engine.save_adapter(out)
+    metrics = {
+        "steps": total_steps,
+        "resumed_from_step": start_step,
+        "examples": len(examples),
+        "label_tokens_per_epoch": int(sum(e.labels.sum() for e in examples)),
+        "seconds": round(time.perf_counter() - t0, 3),
+        "final_loss": history[-1]["loss"] if history else None,
+        "history": history,
+        "engine": engine.kind,
+        **engine.describe(),
+    }
+    if engine.is_main:
+        (out / "train_config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
+        (out / "train_metrics.json").write_text(json.dumps(metrics, indent=2))
+    engine.close()
+    return metrics
+
+
+def _save_checkpoint(engine, checkpoints: Checkpoints, step: int) -> None:
+    with tempfile.TemporaryDirectory(prefix="toss-ckpt-") as tmp:
+        engine.save_state(Path(tmp))
+        torch.save(_rng_state(), Path(tmp) / "rng.pt")
+        if engine.is_main:
+            checkpoints.save(step, Path(tmp))
