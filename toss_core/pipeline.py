@@ -1,0 +1,108 @@
+"""TOSS and TOSS-Pro end to end in plain Python (no Prefect): the stages of `toss_core.stages` in order.
+
+    result = run_pipeline(load_config("configs/quick.yaml"), pro=True)
+    print(result.final["finetune"].ref.uri, result.final["mask"].ref.uri)
+
+This is the sequential reference composition, used by `toss run --no-prefect`, the GPU benchmark and
+anyone embedding the method; `flows/` composes the same stages as Prefect tasks (parallel references,
+mapped scoring). Every stage is cached in the store, so a rerun recomputes nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from toss_core.config import PipelineConfig
+from toss_core.stages import (
+    StageOutcome,
+    TrainSource,
+    base_model_stage,
+    local_files,
+    score_stage,
+    select_stage,
+    tokenize_stage,
+    train_stage,
+)
+from toss_core.store import ArtifactRef, ArtifactStore
+
+STEPS = ("prepare", "train_reference", "score", "select", "finetune")
+
+
+@dataclass
+class PipelineResult:
+    steps: list[tuple[str, StageOutcome]] = field(default_factory=list)  # in run order, for the summary table
+    final: dict[str, StageOutcome] = field(default_factory=dict)  # "mask", "finetune", "safety", ...
+
+    def add(self, name: str, outcome: StageOutcome) -> StageOutcome:
+        self.steps.append((name, outcome))
+        return outcome
+
+
+def pro_sources(store: ArtifactStore, harmful: ArtifactRef, custom: ArtifactRef, previous_mask: ArtifactRef,
+                cfg: PipelineConfig, chosen: set[int]) -> list[TrainSource]:
+    """Training set of a TOSS-Pro round (SPEC section 5): D^h plus what the previous round flagged.
+
+    'tokens': custom samples with labels only on their flagged tokens.
+    'samples': the first k distinct samples down the previous ranking, whole; `chosen` accumulates
+    them over rounds (D^h grows cumulatively).
+    """
+    if cfg.pro.mode == "tokens":
+        return [TrainSource(tokens=harmful), TrainSource(tokens=custom, mask=previous_mask, labels="flagged")]
+    from toss_core.selection import read_mask, top_flagged_samples
+
+    mask = read_mask(local_files(store, previous_mask))
+    k = int(cfg.pro.samples_k) if cfg.pro.samples_k >= 1 else max(1, math.floor(cfg.pro.samples_k * mask.num_rows))
+    chosen |= set(top_flagged_samples(mask, k))
+    return [TrainSource(tokens=harmful), TrainSource(tokens=custom, only_samples=sorted(chosen))]
+
+
+def run_pipeline(cfg: PipelineConfig, store: ArtifactStore | None = None, *, pro: bool = False,
+                 force: tuple[str, ...] = (), progress: bool = True,
+                 on_stage: Callable[[str, StageOutcome], None] | None = None) -> PipelineResult:
+    store = store or ArtifactStore(cfg.store.url, cfg.store.storage_options)
+    res = PipelineResult()
+
+    def step(name: str, outcome: StageOutcome) -> StageOutcome:
+        if on_stage:
+            on_stage(name, outcome)
+        return res.add(name, outcome)
+
+    opts = cfg.store.storage_options
+    model = step("model", base_model_stage(store, cfg.model)).ref
+    tok = {
+        name: step(f"prepare {name}", tokenize_stage(store, model, getattr(cfg.data, name), cfg.data, opts,
+                                                     force="prepare" in force)).ref
+        for name in ("custom", "harmful", "utility")
+    }
+
+    def train(role, sources, recipe):
+        f = ("finetune" if role == "finetune" else "train_reference") in force
+        return step(f"train {role}", train_stage(store, role, model, sources, recipe, dtype=cfg.model.dtype,
+                                                 force=f, progress=progress)).ref
+
+    def score(adapter, label):
+        return [step(f"score {label} {i + 1}/{cfg.score.shards}",
+                     score_stage(store, model, adapter, tok["custom"], i, cfg.score, force="score" in force,
+                                 progress=progress)).ref
+                for i in range(cfg.score.shards)]
+
+    def select(util_scores, safety_scores, label):
+        return step(f"select {label}", select_stage(store, tok["custom"], util_scores, safety_scores, cfg.select,
+                                                    force="select" in force))
+
+    safety = train("safety", [TrainSource(tokens=tok["harmful"])], cfg.reference)
+    utility = train("utility", [TrainSource(tokens=tok["utility"])], cfg.reference)
+    util_scores = score(utility, "utility")  # fixed across TOSS-Pro rounds
+    mask = select(util_scores, score(safety, "safety"), "round 0")
+
+    chosen: set[int] = set()
+    for r in range(1, cfg.pro.rounds + 1 if pro else 1):
+        safety = train(f"safety-r{r}", pro_sources(store, tok["harmful"], tok["custom"], mask.ref, cfg, chosen),
+                       cfg.reference)
+        mask = select(util_scores, score(safety, f"safety-r{r}"), f"round {r}")
+
+    train("finetune", [TrainSource(tokens=tok["custom"], mask=mask.ref, labels="keep")], cfg.finetune)
+    res.final["mask"], res.final["finetune"] = mask, res.steps[-1][1]
+    return res

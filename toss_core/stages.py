@@ -1,0 +1,261 @@
+"""Pipeline stages over the artifact store: compute an artifact once, reuse it forever after.
+
+Each stage function takes the store, its own config and the refs of its inputs, and returns a
+`StageOutcome` (the output's ArtifactRef, whether it was reused, seconds). The artifact key is
+hash(stage, VERSION, the stage's config, the keys of its inputs); if a manifest with that key is in
+the store, the stage returns it without computing. Bump a stage's VERSION when its logic changes.
+
+    model   = base_model_stage(store, cfg.model)
+    tokens  = tokenize_stage(store, model.ref, cfg.data.custom, cfg.data)
+    adapter = train_stage(store, "safety", model.ref, [TrainSource(harmful.ref)], cfg.reference)
+    scores  = score_stage(store, model.ref, adapter.ref, tokens.ref, shard=0, shards=4, cfg=cfg.score)
+    mask    = select_stage(store, tokens.ref, [utility scores], [safety scores], cfg.select)
+
+Prefect tasks (tasks/) are thin wrappers over these; `toss_core.pipeline` chains them without Prefect.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+import time
+from pathlib import Path
+from typing import Literal
+
+import fsspec
+import pyarrow.parquet as pq
+from pydantic import BaseModel
+
+from toss_core.config import DataConfig, ModelConfig, ScoreConfig, SelectConfig, TrainConfig
+from toss_core.faults import maybe_fail
+from toss_core.store import ArtifactRef, ArtifactStore, artifact_key
+
+VERSIONS = {"model": 1, "tokens": 1, "train": 1, "scores": 1, "mask": 1}
+EXTERNAL_MODEL = "external-model"
+
+
+class StageOutcome(BaseModel):
+    ref: ArtifactRef
+    reused: bool
+    seconds: float
+
+
+class TrainSource(BaseModel):
+    """One part of a training set: a token table, optionally with a mask that decides the labels."""
+
+    tokens: ArtifactRef
+    mask: ArtifactRef | None = None
+    labels: Literal["response", "keep", "flagged"] = "response"
+    only_samples: list[int] | None = None  # TOSS-Pro 'samples' mode: just these samples, whole
+
+    def identity(self) -> dict:
+        return {"tokens": self.tokens.key, "mask": self.mask.key if self.mask else None, "labels": self.labels,
+                "only_samples": self.only_samples}
+
+
+def _run(store: ArtifactStore, stage: str, config: dict, inputs: dict, compute, force: bool = False) -> StageOutcome:
+    """The caching contract shared by every stage: look up the key, else compute and publish."""
+    key = artifact_key(stage, VERSIONS[stage], config, inputs)
+    t0 = time.perf_counter()
+    if not force and (ref := store.ref(stage, key)) is not None:
+        return StageOutcome(ref=ref, reused=True, seconds=time.perf_counter() - t0)
+    maybe_fail(stage)
+    with store.writer(stage, key, config=config, inputs=inputs) as writer:
+        compute(writer, key)
+    return StageOutcome(ref=writer.ref, reused=False, seconds=time.perf_counter() - t0)
+
+
+def local_files(store: ArtifactStore, ref: ArtifactRef, suffix: str = ".parquet") -> list[str]:
+    """Local paths of an artifact's files (downloaded once if the store is remote)."""
+    folder = store.local_dir(ref)
+    return sorted(str(p) for p in Path(folder).rglob(f"*{suffix}"))
+
+
+def model_path(store: ArtifactStore, ref: ArtifactRef) -> Path:
+    return Path(ref.uri) if ref.stage == EXTERNAL_MODEL else Path(store.local_dir(ref))
+
+
+# ---- base model ---------------------------------------------------------------------------------
+
+def base_model_stage(store: ArtifactStore, cfg: ModelConfig) -> StageOutcome:
+    """A local model folder as-is (keyed by a fingerprint), or a tiny random model built into the store."""
+    if cfg.path is not None:
+        from toss_core.models import model_fingerprint
+
+        fp = model_fingerprint(cfg.path)
+        ref = ArtifactRef(uri=str(Path(cfg.path).resolve()), stage=EXTERNAL_MODEL, key=fp, digest=fp)
+        return StageOutcome(ref=ref, reused=True, seconds=0.0)
+
+    def compute(writer, key):
+        from toss_core.models import build_tiny_model
+
+        with tempfile.TemporaryDirectory() as tmp:
+            build_tiny_model(cfg.tiny, tmp)
+            writer.put_dir(tmp)
+
+    return _run(store, "model", {"tiny": cfg.tiny.model_dump()}, {}, compute)
+
+
+# ---- tokenize -----------------------------------------------------------------------------------
+
+def data_digest(source: str, storage_options: dict | None = None) -> str:
+    """Content digest of a data file or folder (a dataset name is its own identity)."""
+    if source.startswith(("hf://", "datasets:")):
+        return "name:" + source
+    fs, path = fsspec.core.url_to_fs(source, **(storage_options or {}))
+    files = sorted(fs.find(path)) if fs.isdir(path) else [path]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.rsplit("/", 1)[-1].encode())
+        with fs.open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:24]
+
+
+def tokenize_stage(store: ArtifactStore, model: ArtifactRef, source: str, data: DataConfig,
+                   storage_options: dict | None = None, force: bool = False) -> StageOutcome:
+    config = {"max_len": data.max_len, "limit": data.limit}
+    inputs = {"model": model.key, "data": data_digest(source, storage_options)}
+
+    def compute(writer, key):
+        from toss_core.data import load_conversations
+        from toss_core.models import load_tokenizer
+        from toss_core.tokenization import tokenize_conversations, write_token_table
+
+        conversations = load_conversations(source, storage_options=storage_options, limit=data.limit)
+        table, stats = tokenize_conversations(conversations, load_tokenizer(model_path(store, model)), data.max_len)
+        with writer.open("tokens.parquet", "wb") as f:
+            write_token_table(table, f)
+        writer.metrics.update(stats.as_metrics(), source=source)
+
+    return _run(store, "tokens", config, inputs, compute, force)
+
+
+# ---- train --------------------------------------------------------------------------------------
+
+class StoreCheckpoints:
+    """training.Checkpoints bound to one (stage, key) of the store."""
+
+    def __init__(self, store: ArtifactStore, stage: str, key: str):
+        self.store, self.stage, self.key = store, stage, key
+
+    def latest(self):
+        return self.store.latest_checkpoint(self.stage, self.key)
+
+    def save(self, step: int, local_dir: Path) -> None:
+        self.store.save_checkpoint(self.stage, self.key, step, local_dir)
+        self.store.prune_checkpoints(self.stage, self.key, keep_last=1)
+
+
+def load_examples(store: ArtifactStore, sources: list[TrainSource]):
+    from toss_core.tables import MASK_SCHEMA, TOKENS_SCHEMA, read_table
+    from toss_core.train_data import examples_from_tokens, with_mask
+
+    examples = []
+    for src in sources:
+        tokens = read_table(local_files(store, src.tokens), TOKENS_SCHEMA)
+        if src.mask is None:
+            only = set(src.only_samples) if src.only_samples is not None else None
+            examples += examples_from_tokens(tokens, only=only)
+        else:
+            mask = read_table(local_files(store, src.mask), MASK_SCHEMA)
+            examples += with_mask(tokens, mask, src.labels)
+    return examples
+
+
+def train_stage(store: ArtifactStore, role: str, model: ArtifactRef, sources: list[TrainSource], cfg: TrainConfig,
+                dtype: str = "float32", force: bool = False, progress: bool = True) -> StageOutcome:
+    """A LoRA adapter on the base model; `role` names it (safety, utility, finetune, safety-r1, ...)."""
+    config = {"role": role, "train": cfg.model_dump(mode="json"), "dtype": dtype,
+              "sources": [s.identity() for s in sources]}
+    inputs = {"model": model.key, **{f"source{i}": s.tokens.key for i, s in enumerate(sources)},
+              **{f"mask{i}": s.mask.key for i, s in enumerate(sources) if s.mask}}
+
+    def compute(writer, key):
+        from toss_core.training import train_lora
+
+        examples = load_examples(store, sources)
+        with tempfile.TemporaryDirectory() as tmp:
+            metrics = train_lora(model_path(store, model), examples, cfg, tmp, dtype=dtype,
+                                 checkpoints=StoreCheckpoints(store, "train", key), desc=f"train {role}",
+                                 progress=progress)
+            writer.put_dir(tmp)
+        writer.metrics.update({k: v for k, v in metrics.items() if k != "history"}, role=role)
+
+    return _run(store, "train", config, inputs, compute, force)
+
+
+# ---- score --------------------------------------------------------------------------------------
+
+def shard_rows(n_rows: int, shard: int, shards: int) -> tuple[int, int]:
+    """Contiguous row range of a shard: shards differ by at most one row."""
+    return n_rows * shard // shards, n_rows * (shard + 1) // shards
+
+
+def score_stage(store: ArtifactStore, model: ArtifactRef, adapter: ArtifactRef | None, tokens: ArtifactRef,
+                shard: int, cfg: ScoreConfig, force: bool = False, progress: bool = True) -> StageOutcome:
+    # The batch token budget changes speed, not results, so it is not part of the key.
+    config = {"shard": shard, "shards": cfg.shards, "precision": cfg.precision}
+    inputs = {"model": model.key, "tokens": tokens.key, **({"adapter": adapter.key} if adapter else {})}
+
+    def compute(writer, key):
+        from toss_core.models import load_with_adapter
+        from toss_core.scoring import score_tokens
+        from toss_core.tables import TOKENS_SCHEMA, read_table
+
+        table = read_table(local_files(store, tokens), TOKENS_SCHEMA)
+        lo, hi = shard_rows(table.num_rows, shard, cfg.shards)
+        net = load_with_adapter(model_path(store, model), store.local_dir(adapter) if adapter else None,
+                                dtype="bfloat16" if cfg.precision == "bf16" else "float32", device=_device())
+        pad = net.config.pad_token_id or 0
+        scores, metrics = score_tokens(net, table.slice(lo, hi - lo), cfg.max_tokens_per_batch, pad_id=pad,
+                                       progress=_score_bar(f"score shard {shard + 1}/{cfg.shards}", progress))
+        with writer.open(f"scores-{shard:05d}.parquet", "wb") as f:
+            pq.write_table(scores, f)
+        writer.metrics.update(metrics, rows=[lo, hi])
+
+    return _run(store, "scores", config, inputs, compute, force)
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _score_bar(desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(desc=desc, unit="tok", unit_scale=True)
+
+    def update(done, total, seconds):
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+        if done >= total:
+            bar.close()
+
+    return update
+
+
+# ---- select -------------------------------------------------------------------------------------
+
+def select_stage(store: ArtifactStore, tokens: ArtifactRef, utility: list[ArtifactRef], safety: list[ArtifactRef],
+                 cfg: SelectConfig, force: bool = False) -> StageOutcome:
+    config = cfg.model_dump(mode="json")
+    inputs = {"tokens": tokens.key, **{f"utility{i}": r.key for i, r in enumerate(utility)},
+              **{f"safety{i}": r.key for i, r in enumerate(safety)}}
+
+    def compute(writer, key):
+        from toss_core.selection import select_tokens
+
+        files = lambda refs: [f for r in refs for f in local_files(store, r)]  # noqa: E731
+        with writer.open("mask.parquet", "wb") as f:
+            stats = select_tokens(local_files(store, tokens), files(utility), files(safety), cfg, f)
+        writer.write_json("stats.json", stats)
+        writer.metrics.update({k: v for k, v in stats.items() if not isinstance(v, (dict, list))})
+
+    return _run(store, "mask", config, inputs, compute, force)
