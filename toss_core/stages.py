@@ -119,17 +119,22 @@ def tokenize_stage(store: ArtifactStore, model: ArtifactRef, source: str, data: 
     inputs = {"model": model.key, "data": data_digest(source, storage_options)}
 
     def compute(writer, key):
-        from toss_core.data import load_conversations
-        from toss_core.models import load_tokenizer
-        from toss_core.tokenization import tokenize_conversations, write_token_table
-
-        conversations = load_conversations(source, storage_options=storage_options, limit=data.limit)
-        table, stats = tokenize_conversations(conversations, load_tokenizer(model_path(store, model)), data.max_len)
-        with writer.open("tokens.parquet", "wb") as f:
-            write_token_table(table, f)
-        writer.metrics.update(stats.as_metrics(), source=source)
+        produce_tokens(writer, source, model_path(store, model), data, storage_options)
 
     return _run(store, "tokens", config, inputs, compute, force)
+
+
+def produce_tokens(writer, source: str, model_dir: Path, data: DataConfig, storage_options: dict | None = None):
+    """Load a data set, tokenize it with the model's tokenizer, write `tokens.parquet`."""
+    from toss_core.data import load_conversations
+    from toss_core.models import load_tokenizer
+    from toss_core.tokenization import tokenize_conversations, write_token_table
+
+    conversations = load_conversations(source, storage_options=storage_options, limit=data.limit)
+    table, stats = tokenize_conversations(conversations, load_tokenizer(model_dir), data.max_len)
+    with writer.open("tokens.parquet", "wb") as f:
+        write_token_table(table, f)
+    writer.metrics.update(stats.as_metrics(), source=source)
 
 
 # ---- train --------------------------------------------------------------------------------------
@@ -173,17 +178,23 @@ def train_stage(store: ArtifactStore, role: str, model: ArtifactRef, sources: li
               **{f"mask{i}": s.mask.key for i, s in enumerate(sources) if s.mask}}
 
     def compute(writer, key):
-        from toss_core.training import train_lora
-
-        examples = load_examples(store, sources)
-        with tempfile.TemporaryDirectory() as tmp:
-            metrics = train_lora(model_path(store, model), examples, cfg, tmp, dtype=dtype,
-                                 checkpoints=StoreCheckpoints(store, "train", key), desc=f"train {role}",
-                                 progress=progress)
-            writer.put_dir(tmp)
-        writer.metrics.update({k: v for k, v in metrics.items() if k != "history"}, role=role)
+        produce_adapter(writer, model_path(store, model), load_examples(store, sources), cfg, dtype=dtype,
+                        checkpoints=StoreCheckpoints(store, "train", key), desc=f"train {role}", progress=progress)
+        writer.metrics["role"] = role
 
     return _run(store, "train", config, inputs, compute, force)
+
+
+def produce_adapter(writer, model_dir: Path, examples, cfg: TrainConfig, *, dtype: str = "float32",
+                    checkpoints=None, desc: str = "train", progress: bool = True) -> None:
+    """Train a LoRA adapter and publish it in PEFT's format (loadable by PeftModel.from_pretrained)."""
+    from toss_core.training import train_lora
+
+    with tempfile.TemporaryDirectory() as tmp:
+        metrics = train_lora(model_dir, examples, cfg, tmp, dtype=dtype, checkpoints=checkpoints, desc=desc,
+                             progress=progress)
+        writer.put_dir(tmp)
+    writer.metrics.update({k: v for k, v in metrics.items() if k != "history"})
 
 
 # ---- score --------------------------------------------------------------------------------------
@@ -200,22 +211,29 @@ def score_stage(store: ArtifactStore, model: ArtifactRef, adapter: ArtifactRef |
     inputs = {"model": model.key, "tokens": tokens.key, **({"adapter": adapter.key} if adapter else {})}
 
     def compute(writer, key):
-        from toss_core.models import load_with_adapter
-        from toss_core.scoring import score_tokens
-        from toss_core.tables import TOKENS_SCHEMA, read_table
-
-        table = read_table(local_files(store, tokens), TOKENS_SCHEMA)
-        lo, hi = shard_rows(table.num_rows, shard, cfg.shards)
-        net = load_with_adapter(model_path(store, model), store.local_dir(adapter) if adapter else None,
-                                dtype="bfloat16" if cfg.precision == "bf16" else "float32", device=_device())
-        pad = net.config.pad_token_id or 0
-        scores, metrics = score_tokens(net, table.slice(lo, hi - lo), cfg.max_tokens_per_batch, pad_id=pad,
-                                       progress=_score_bar(f"score shard {shard + 1}/{cfg.shards}", progress))
-        with writer.open(f"scores-{shard:05d}.parquet", "wb") as f:
-            pq.write_table(scores, f)
-        writer.metrics.update(metrics, rows=[lo, hi])
+        produce_scores(writer, model_path(store, model), store.local_dir(adapter) if adapter else None,
+                       local_files(store, tokens), shard, cfg, progress=progress)
 
     return _run(store, "scores", config, inputs, compute, force)
+
+
+def produce_scores(writer, model_dir: Path, adapter_dir: Path | None, token_files: list[str], shard: int,
+                   cfg: ScoreConfig, progress: bool = True) -> None:
+    """Per-token losses of one shard of a token table under base model (+ adapter): `scores-<shard>.parquet`."""
+    from toss_core.models import load_with_adapter
+    from toss_core.scoring import score_tokens
+    from toss_core.tables import TOKENS_SCHEMA, read_table
+
+    table = read_table(token_files, TOKENS_SCHEMA)
+    lo, hi = shard_rows(table.num_rows, shard, cfg.shards)
+    net = load_with_adapter(model_dir, adapter_dir, dtype="bfloat16" if cfg.precision == "bf16" else "float32",
+                            device=_device())
+    pad = net.config.pad_token_id or 0
+    scores, metrics = score_tokens(net, table.slice(lo, hi - lo), cfg.max_tokens_per_batch, pad_id=pad,
+                                   progress=_score_bar(f"score shard {shard + 1}/{cfg.shards}", progress))
+    with writer.open(f"scores-{shard:05d}.parquet", "wb") as f:
+        pq.write_table(scores, f)
+    writer.metrics.update(metrics, rows=[lo, hi])
 
 
 def _device() -> str:
@@ -250,12 +268,18 @@ def select_stage(store: ArtifactStore, tokens: ArtifactRef, utility: list[Artifa
               **{f"safety{i}": r.key for i, r in enumerate(safety)}}
 
     def compute(writer, key):
-        from toss_core.selection import select_tokens
-
         files = lambda refs: [f for r in refs for f in local_files(store, r)]  # noqa: E731
-        with writer.open("mask.parquet", "wb") as f:
-            stats = select_tokens(local_files(store, tokens), files(utility), files(safety), cfg, f)
-        writer.write_json("stats.json", stats)
-        writer.metrics.update({k: v for k, v in stats.items() if not isinstance(v, (dict, list))})
+        produce_mask(writer, local_files(store, tokens), files(utility), files(safety), cfg)
 
     return _run(store, "mask", config, inputs, compute, force)
+
+
+def produce_mask(writer, token_files: list[str], utility_files: list[str], safety_files: list[str],
+                 cfg: SelectConfig) -> None:
+    """Select tokens: `mask.parquet` plus `stats.json` (the headline numbers also go in the manifest)."""
+    from toss_core.selection import select_tokens
+
+    with writer.open("mask.parquet", "wb") as f:
+        stats = select_tokens(token_files, utility_files, safety_files, cfg, f)
+    writer.write_json("stats.json", stats)
+    writer.metrics.update({k: v for k, v in stats.items() if not isinstance(v, (dict, list))})
