@@ -31,7 +31,7 @@ app = typer.Typer(
 )
 store_app = typer.Typer(help="Look into and clean an artifact store.", no_args_is_help=True)
 app.add_typer(store_app, name="store")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # never break a path in two
 
 SetOpt = Annotated[list[str], typer.Option("--set", help="override a config value, e.g. --set select.ratio=0.2")]
 

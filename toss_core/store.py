@@ -401,7 +401,7 @@ class ArtifactDir:
     def manifest(self) -> Manifest | None:
         try:  # a direct GET: no listing cache can hide a manifest another process just wrote
             data = self.fs.cat_file(f"{self.path}/{MANIFEST}")
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # a plain file is not an artifact folder
             return None
         try:
             return Manifest.model_validate_json(data)
