@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -100,14 +101,24 @@ def load_model(path: str | Path, dtype: str = "float32", device: str | torch.dev
     return model.to(device).eval()
 
 
-def attach_lora(model, cfg: LoraConfig):
+def attach_lora(model, cfg: LoraConfig, seed: int | None = None):
+    """A fresh LoRA adapter. With `seed`, its A matrices come from a private generator, so two
+    trainings running in threads of one process (parallel reference models) cannot change each
+    other's initialisation through torch's global RNG."""
     from peft import LoraConfig as PeftLoraConfig, get_peft_model
 
     peft_cfg = PeftLoraConfig(
         r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules),
         task_type="CAUSAL_LM", bias="none",
     )
-    return get_peft_model(model, peft_cfg)
+    model = get_peft_model(model, peft_cfg)
+    if seed is not None:
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in sorted(model.named_parameters()):
+                if "lora_A" in name:  # B starts at zero, as in PEFT; A as PEFT's kaiming default
+                    torch.nn.init.kaiming_uniform_(p, a=math.sqrt(5), generator=gen)
+    return model
 
 
 def load_with_adapter(base_path: str | Path, adapter_dir: str | Path | None, dtype: str = "float32",

@@ -34,6 +34,18 @@ VERSIONS = {"model": 1, "tokens": 1, "train": 1, "scores": 1, "mask": 1}
 EXTERNAL_MODEL = "external-model"
 
 
+class StagePlan(BaseModel):
+    """What an artifact is made from: its key is known before anything is computed."""
+
+    stage: str
+    config: dict
+    inputs: dict[str, str]
+
+    @property
+    def key(self) -> str:
+        return artifact_key(self.stage, VERSIONS[self.stage], self.config, self.inputs)
+
+
 class StageOutcome(BaseModel):
     ref: ArtifactRef
     reused: bool
@@ -53,14 +65,13 @@ class TrainSource(BaseModel):
                 "only_samples": self.only_samples}
 
 
-def _run(store: ArtifactStore, stage: str, config: dict, inputs: dict, compute, force: bool = False) -> StageOutcome:
+def _run(store: ArtifactStore, plan: StagePlan, compute, force: bool = False) -> StageOutcome:
     """The caching contract shared by every stage: look up the key, else compute and publish."""
-    key = artifact_key(stage, VERSIONS[stage], config, inputs)
-    t0 = time.perf_counter()
-    if not force and (ref := store.ref(stage, key)) is not None:
+    key, t0 = plan.key, time.perf_counter()
+    if not force and (ref := store.ref(plan.stage, key)) is not None:
         return StageOutcome(ref=ref, reused=True, seconds=time.perf_counter() - t0)
-    maybe_fail(stage)
-    with store.writer(stage, key, config=config, inputs=inputs) as writer:
+    maybe_fail(plan.stage)
+    with store.writer(plan.stage, key, config=plan.config, inputs=plan.inputs) as writer:
         compute(writer, key)
     return StageOutcome(ref=writer.ref, reused=False, seconds=time.perf_counter() - t0)
 
@@ -93,7 +104,7 @@ def base_model_stage(store: ArtifactStore, cfg: ModelConfig) -> StageOutcome:
             build_tiny_model(cfg.tiny, tmp)
             writer.put_dir(tmp)
 
-    return _run(store, "model", {"tiny": cfg.tiny.model_dump()}, {}, compute)
+    return _run(store, StagePlan(stage="model", config={"tiny": cfg.tiny.model_dump()}, inputs={}), compute)
 
 
 # ---- tokenize -----------------------------------------------------------------------------------
@@ -113,15 +124,17 @@ def data_digest(source: str, storage_options: dict | None = None) -> str:
     return h.hexdigest()[:24]
 
 
+def tokenize_plan(model: ArtifactRef, source: str, data: DataConfig, storage_options: dict | None = None) -> StagePlan:
+    return StagePlan(stage="tokens", config={"max_len": data.max_len, "limit": data.limit},
+                     inputs={"model": model.key, "data": data_digest(source, storage_options)})
+
+
 def tokenize_stage(store: ArtifactStore, model: ArtifactRef, source: str, data: DataConfig,
                    storage_options: dict | None = None, force: bool = False) -> StageOutcome:
-    config = {"max_len": data.max_len, "limit": data.limit}
-    inputs = {"model": model.key, "data": data_digest(source, storage_options)}
-
     def compute(writer, key):
         produce_tokens(writer, source, model_path(store, model), data, storage_options)
 
-    return _run(store, "tokens", config, inputs, compute, force)
+    return _run(store, tokenize_plan(model, source, data, storage_options), compute, force)
 
 
 def produce_tokens(writer, source: str, model_dir: Path, data: DataConfig, storage_options: dict | None = None):
@@ -169,30 +182,37 @@ def load_examples(store: ArtifactStore, sources: list[TrainSource]):
     return examples
 
 
-def train_stage(store: ArtifactStore, role: str, model: ArtifactRef, sources: list[TrainSource], cfg: TrainConfig,
-                dtype: str = "float32", force: bool = False, progress: bool = True) -> StageOutcome:
-    """A LoRA adapter on the base model; `role` names it (safety, utility, finetune, safety-r1, ...)."""
+def train_plan(role: str, model: ArtifactRef, sources: list[TrainSource], cfg: TrainConfig,
+               dtype: str = "float32") -> StagePlan:
     config = {"role": role, "train": cfg.model_dump(mode="json"), "dtype": dtype,
               "sources": [s.identity() for s in sources]}
     inputs = {"model": model.key, **{f"source{i}": s.tokens.key for i, s in enumerate(sources)},
               **{f"mask{i}": s.mask.key for i, s in enumerate(sources) if s.mask}}
+    return StagePlan(stage="train", config=config, inputs=inputs)
+
+
+def train_stage(store: ArtifactStore, role: str, model: ArtifactRef, sources: list[TrainSource], cfg: TrainConfig,
+                dtype: str = "float32", force: bool = False, progress: bool = True,
+                on_step=None) -> StageOutcome:
+    """A LoRA adapter on the base model; `role` names it (safety, utility, finetune, safety-r1, ...)."""
 
     def compute(writer, key):
         produce_adapter(writer, model_path(store, model), load_examples(store, sources), cfg, dtype=dtype,
-                        checkpoints=StoreCheckpoints(store, "train", key), desc=f"train {role}", progress=progress)
+                        checkpoints=StoreCheckpoints(store, "train", key), desc=f"train {role}", progress=progress,
+                        on_step=on_step)
         writer.metrics["role"] = role
 
-    return _run(store, "train", config, inputs, compute, force)
+    return _run(store, train_plan(role, model, sources, cfg, dtype), compute, force)
 
 
 def produce_adapter(writer, model_dir: Path, examples, cfg: TrainConfig, *, dtype: str = "float32",
-                    checkpoints=None, desc: str = "train", progress: bool = True) -> None:
+                    checkpoints=None, desc: str = "train", progress: bool = True, on_step=None) -> None:
     """Train a LoRA adapter and publish it in PEFT's format (loadable by PeftModel.from_pretrained)."""
     from toss_core.training import train_lora
 
     with tempfile.TemporaryDirectory() as tmp:
         metrics = train_lora(model_dir, examples, cfg, tmp, dtype=dtype, checkpoints=checkpoints, desc=desc,
-                             progress=progress)
+                             progress=progress, on_step=on_step)
         writer.put_dir(tmp)
     writer.metrics.update({k: v for k, v in metrics.items() if k != "history"})
 
@@ -204,17 +224,21 @@ def shard_rows(n_rows: int, shard: int, shards: int) -> tuple[int, int]:
     return n_rows * shard // shards, n_rows * (shard + 1) // shards
 
 
+def score_plan(model: ArtifactRef, adapter: ArtifactRef | None, tokens: ArtifactRef, shard: int,
+               cfg: ScoreConfig) -> StagePlan:
+    # The batch token budget changes speed, not results, so it is not part of the key.
+    return StagePlan(stage="scores", config={"shard": shard, "shards": cfg.shards, "precision": cfg.precision},
+                     inputs={"model": model.key, "tokens": tokens.key, **({"adapter": adapter.key} if adapter else {})})
+
+
 def score_stage(store: ArtifactStore, model: ArtifactRef, adapter: ArtifactRef | None, tokens: ArtifactRef,
                 shard: int, cfg: ScoreConfig, force: bool = False, progress: bool = True) -> StageOutcome:
-    # The batch token budget changes speed, not results, so it is not part of the key.
-    config = {"shard": shard, "shards": cfg.shards, "precision": cfg.precision}
-    inputs = {"model": model.key, "tokens": tokens.key, **({"adapter": adapter.key} if adapter else {})}
 
     def compute(writer, key):
         produce_scores(writer, model_path(store, model), store.local_dir(adapter) if adapter else None,
                        local_files(store, tokens), shard, cfg, progress=progress)
 
-    return _run(store, "scores", config, inputs, compute, force)
+    return _run(store, score_plan(model, adapter, tokens, shard, cfg), compute, force)
 
 
 def produce_scores(writer, model_dir: Path, adapter_dir: Path | None, token_files: list[str], shard: int,
@@ -261,17 +285,21 @@ def _score_bar(desc: str, enabled: bool):
 
 # ---- select -------------------------------------------------------------------------------------
 
-def select_stage(store: ArtifactStore, tokens: ArtifactRef, utility: list[ArtifactRef], safety: list[ArtifactRef],
-                 cfg: SelectConfig, force: bool = False) -> StageOutcome:
-    config = cfg.model_dump(mode="json")
+def select_plan(tokens: ArtifactRef, utility: list[ArtifactRef], safety: list[ArtifactRef],
+                cfg: SelectConfig) -> StagePlan:
     inputs = {"tokens": tokens.key, **{f"utility{i}": r.key for i, r in enumerate(utility)},
               **{f"safety{i}": r.key for i, r in enumerate(safety)}}
+    return StagePlan(stage="mask", config=cfg.model_dump(mode="json"), inputs=inputs)
+
+
+def select_stage(store: ArtifactStore, tokens: ArtifactRef, utility: list[ArtifactRef], safety: list[ArtifactRef],
+                 cfg: SelectConfig, force: bool = False) -> StageOutcome:
 
     def compute(writer, key):
         files = lambda refs: [f for r in refs for f in local_files(store, r)]  # noqa: E731
         produce_mask(writer, local_files(store, tokens), files(utility), files(safety), cfg)
 
-    return _run(store, "mask", config, inputs, compute, force)
+    return _run(store, select_plan(tokens, utility, safety, cfg), compute, force)
 
 
 def produce_mask(writer, token_files: list[str], utility_files: list[str], safety_files: list[str],

@@ -25,6 +25,7 @@ import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
@@ -142,6 +143,7 @@ def train_lora(
     desc: str = "train",
     progress: bool = True,
     fault_stage: str = "train",
+    on_step: Callable[[int, int, dict], None] | None = None,
 ) -> dict:
     """Train a fresh LoRA adapter on `examples`; save it (PEFT format) to `out_dir`; return metrics."""
     from toss_core.distributed import make_engine
@@ -152,7 +154,7 @@ def train_lora(
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
 
-    model = attach_lora(load_model(base_dir, dtype=dtype), cfg.lora)
+    model = attach_lora(load_model(base_dir, dtype=dtype), cfg.lora, seed=cfg.seed)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -198,6 +200,8 @@ def train_lora(
                    "tokens_per_second": round(rate, 1)}
             history.append(row)
             bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{rate:,.0f}")
+            if on_step:  # e.g. a Prefect progress artifact
+                on_step(done, total_steps, row)
         bar.update(1)
         if checkpoints is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < total_steps:
             _save_checkpoint(engine, checkpoints, done)
