@@ -168,6 +168,20 @@ class EvalConfig(_Section):
     enabled: bool = Field(False, description="run the evaluation stage after the fine-tune")
 
 
+class OrchestrationConfig(_Section):
+    """How the Prefect flows run stages (ignored by the plain-Python pipeline)."""
+
+    max_workers: int = Field(
+        2, ge=1, le=64, description="stages run at once in one flow run (the two reference trainings, score shards)"
+    )
+    gpu_limit: str | None = Field(
+        None,
+        description="name of a Prefect global concurrency limit held while a stage uses the GPU "
+        "(create it with `prefect gcl create gpu --limit N`); None: no limit",
+    )
+    retries: int = Field(0, ge=0, le=10, description="automatic retries of a failed stage task")
+
+
 class StoreConfig(_Section):
     url: str = Field("./store", description="artifact store: a local folder or any fsspec URL (s3://bucket/prefix)")
     storage_options: dict[str, Any] = Field(
@@ -190,6 +204,7 @@ class PipelineConfig(_Section):
     pro: ProConfig = Field(default_factory=ProConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
+    orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
 
 
 def _parse_value(text: str) -> Any:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Literal
 
@@ -65,13 +66,15 @@ class TrainSource(BaseModel):
                 "only_samples": self.only_samples}
 
 
-def _run(store: ArtifactStore, plan: StagePlan, compute, force: bool = False) -> StageOutcome:
-    """The caching contract shared by every stage: look up the key, else compute and publish."""
+def _run(store: ArtifactStore, plan: StagePlan, compute, force: bool = False, guard=None) -> StageOutcome:
+    """The caching contract shared by every stage: look up the key, else compute and publish.
+
+    `guard` (a context manager, e.g. a GPU concurrency slot) is entered only when computing."""
     key, t0 = plan.key, time.perf_counter()
     if not force and (ref := store.ref(plan.stage, key)) is not None:
         return StageOutcome(ref=ref, reused=True, seconds=time.perf_counter() - t0)
     maybe_fail(plan.stage)
-    with store.writer(plan.stage, key, config=plan.config, inputs=plan.inputs) as writer:
+    with guard or nullcontext(), store.writer(plan.stage, key, config=plan.config, inputs=plan.inputs) as writer:
         compute(writer, key)
     return StageOutcome(ref=writer.ref, reused=False, seconds=time.perf_counter() - t0)
 
@@ -88,7 +91,7 @@ def model_path(store: ArtifactStore, ref: ArtifactRef) -> Path:
 
 # ---- base model ---------------------------------------------------------------------------------
 
-def base_model_stage(store: ArtifactStore, cfg: ModelConfig) -> StageOutcome:
+def base_model_stage(store: ArtifactStore, cfg: ModelConfig, force: bool = False) -> StageOutcome:
     """A local model folder as-is (keyed by a fingerprint), or a tiny random model built into the store."""
     if cfg.path is not None:
         from toss_core.models import model_fingerprint
@@ -104,7 +107,7 @@ def base_model_stage(store: ArtifactStore, cfg: ModelConfig) -> StageOutcome:
             build_tiny_model(cfg.tiny, tmp)
             writer.put_dir(tmp)
 
-    return _run(store, StagePlan(stage="model", config={"tiny": cfg.tiny.model_dump()}, inputs={}), compute)
+    return _run(store, StagePlan(stage="model", config={"tiny": cfg.tiny.model_dump()}, inputs={}), compute, force)
 
 
 # ---- tokenize -----------------------------------------------------------------------------------
@@ -193,7 +196,7 @@ def train_plan(role: str, model: ArtifactRef, sources: list[TrainSource], cfg: T
 
 def train_stage(store: ArtifactStore, role: str, model: ArtifactRef, sources: list[TrainSource], cfg: TrainConfig,
                 dtype: str = "float32", force: bool = False, progress: bool = True,
-                on_step=None) -> StageOutcome:
+                on_step=None, guard=None) -> StageOutcome:
     """A LoRA adapter on the base model; `role` names it (safety, utility, finetune, safety-r1, ...)."""
 
     def compute(writer, key):
@@ -202,7 +205,7 @@ def train_stage(store: ArtifactStore, role: str, model: ArtifactRef, sources: li
                         on_step=on_step)
         writer.metrics["role"] = role
 
-    return _run(store, train_plan(role, model, sources, cfg, dtype), compute, force)
+    return _run(store, train_plan(role, model, sources, cfg, dtype), compute, force, guard)
 
 
 def produce_adapter(writer, model_dir: Path, examples, cfg: TrainConfig, *, dtype: str = "float32",
@@ -232,13 +235,13 @@ def score_plan(model: ArtifactRef, adapter: ArtifactRef | None, tokens: Artifact
 
 
 def score_stage(store: ArtifactStore, model: ArtifactRef, adapter: ArtifactRef | None, tokens: ArtifactRef,
-                shard: int, cfg: ScoreConfig, force: bool = False, progress: bool = True) -> StageOutcome:
+                shard: int, cfg: ScoreConfig, force: bool = False, progress: bool = True, guard=None) -> StageOutcome:
 
     def compute(writer, key):
         produce_scores(writer, model_path(store, model), store.local_dir(adapter) if adapter else None,
                        local_files(store, tokens), shard, cfg, progress=progress)
 
-    return _run(store, score_plan(model, adapter, tokens, shard, cfg), compute, force)
+    return _run(store, score_plan(model, adapter, tokens, shard, cfg), compute, force, guard)
 
 
 def produce_scores(writer, model_dir: Path, adapter_dir: Path | None, token_files: list[str], shard: int,
