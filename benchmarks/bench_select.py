@@ -107,12 +107,39 @@ def child_gen(a) -> dict:
 
 
 def _imports():
-    """The libraries both sides import (so their fixed RSS cost is the same)."""
+    """The libraries both sides import, before anything is timed, so their fixed cost is the same and is
+    not in either timing. pandas is among them: pyarrow imports it (when installed, as here) on the first
+    numpy -> Arrow conversion, ~0.4 s and ~35 MiB once per process, which would otherwise land in the
+    timing of whichever side converts first."""
     import numpy  # noqa: F401
+    import pandas  # noqa: F401
     import pyarrow  # noqa: F401
     import pyarrow.parquet  # noqa: F401
 
     import toss_core.selection  # noqa: F401
+
+
+def _apply_patches(names: list[str]) -> None:
+    """What-if switches for the proposed toss_core changes (monkeypatched here, toss_core is not edited):
+    prebuffer-off: toss_core.tables.iter_batches opens files with pre_buffer=False (pyarrow's default
+      pre_buffer=True keeps every pre-buffered column chunk until the file is closed, apache/arrow#39808);
+    mask-nodict: the mask writer does not dictionary-encode the float `score` column."""
+    import functools
+    import types
+
+    import pyarrow.parquet as pq
+
+    import toss_core.selection as S
+    import toss_core.tables as T
+
+    for name in names:
+        if name == "prebuffer-off":
+            T.pq = types.SimpleNamespace(ParquetFile=functools.partial(pq.ParquetFile, pre_buffer=False))
+        elif name == "mask-nodict":
+            S.pq = types.SimpleNamespace(ParquetWriter=functools.partial(
+                pq.ParquetWriter, use_dictionary=["sample_id", "ids_digest", "discard"]))
+        elif name:
+            raise SystemExit(f"unknown --patch {name!r}: use prebuffer-off, mask-nodict")
 
 
 def child_baseline(a) -> dict:
@@ -122,19 +149,73 @@ def child_baseline(a) -> dict:
 
 def child_ours(a) -> dict:
     _imports()
+    import toss_core.selection as S
     from toss_core.config import SelectConfig
-    from toss_core.selection import select_tokens
 
+    _apply_patches([p.strip() for p in (a.patch or "").split(",") if p.strip()])
+    # Phase timers: thin wrappers around the three steps select_tokens calls (no change to what they do).
+    phases: dict[str, dict] = {}
+
+    def timed(name, label):
+        fn = getattr(S, name)
+
+        def wrapper(*args, **kwargs):
+            t = time.perf_counter()
+            out = fn(*args, **kwargs)
+            phases[label] = {"seconds": round(time.perf_counter() - t, 3),
+                             "peak_rss_mib_so_far": C.memory_report()["peak_rss_mib"]}
+            return out
+        setattr(S, name, wrapper)
+
+    timed("_collect_scores", "pass 1: read tokens + 2 score tables, S")
+    timed("choose", "cut: global top floor(d*N)")
+    timed("_write_mask", "pass 2: re-read tokens, write mask + stats")
     d = Path(a.data)
     sink = str(Path(a.mask))
     t0 = time.perf_counter()
-    stats = select_tokens([str(d / "tokens.parquet")], [str(d / "utility.parquet")], [str(d / "safety.parquet")],
-                          SelectConfig(ratio=a.ratio), sink)
+    stats = S.select_tokens([str(d / "tokens.parquet")], [str(d / "utility.parquet")], [str(d / "safety.parquet")],
+                            SelectConfig(ratio=a.ratio), sink)
     seconds = time.perf_counter() - t0
     mem = C.memory_report()
-    return {"seconds": round(seconds, 3), **mem, "response_tokens": stats["response_tokens"],
-            "discarded_tokens": stats["discarded_tokens"], "score_cut": stats["score_cut"],
-            "mask_bytes": Path(sink).stat().st_size}
+    return {"seconds": round(seconds, 3), **mem, "phases": phases, "patches": a.patch or "",
+            "response_tokens": stats["response_tokens"], "discarded_tokens": stats["discarded_tokens"],
+            "score_cut": stats["score_cut"], "mask_bytes": Path(sink).stat().st_size}
+
+
+def _load_s(d: Path):
+    """S of every response token in (sample, position) order, float32, and the response tokens per sample."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    files = [pq.ParquetFile(d / f"{n}.parquet", pre_buffer=False) for n in ("tokens", "utility", "safety")]
+    streams = [files[0].iter_batches(ROWS_PER_GROUP, columns=["sample_id", "response_mask"]),
+               files[1].iter_batches(ROWS_PER_GROUP, columns=["sample_id", "loss"]),
+               files[2].iter_batches(ROWS_PER_GROUP, columns=["sample_id", "loss"])]
+    for t, u, h in zip(*streams):
+        assert t.column(0).equals(u.column(0)) and t.column(0).equals(h.column(0))
+        resp = t.column(1).flatten().to_numpy(zero_copy_only=False)
+        lu = u.column(1).flatten().to_numpy()
+        lh = h.column(1).flatten().to_numpy()
+        s = (lu[resp] - lh[resp]).astype(np.float32)  # float32, exactly as select_tokens computes S
+        offs = np.concatenate([[0], np.cumsum(t.column(1).value_lengths().to_numpy())])
+        yield s, np.add.reduceat(resp, offs[:-1]).astype(np.int64)
+
+
+def child_core(a) -> dict:
+    """Ours, in-memory core only (like for like with the reference's timing): global_top on the float32 S array."""
+    _imports()
+    import numpy as np
+
+    from toss_core.selection import global_top
+
+    scores = np.concatenate([s for s, _ in _load_s(Path(a.data))])
+    k = math.floor(a.ratio * len(scores))
+    t0 = time.perf_counter()
+    discard = global_top(scores, k)
+    seconds = time.perf_counter() - t0
+    mem = C.memory_report()
+    np.save(a.mask, np.flatnonzero(discard))
+    return {"seconds": round(seconds, 4), **mem, "response_tokens": len(scores), "discarded_tokens": int(discard.sum())}
 
 
 def child_ref(a) -> dict:
@@ -142,27 +223,14 @@ def child_ref(a) -> dict:
     import gc
 
     import numpy as np
-    import pyarrow.parquet as pq
 
     d = Path(a.data)
     # -- load (not timed): per-sample Python lists of S = l_u - l_h over the response tokens ---------------
     t_load = time.perf_counter()
-    files = [pq.ParquetFile(d / f"{n}.parquet", pre_buffer=False) for n in ("tokens", "utility", "safety")]
-    streams = [files[0].iter_batches(ROWS_PER_GROUP, columns=["sample_id", "response_mask"]),
-               files[1].iter_batches(ROWS_PER_GROUP, columns=["sample_id", "loss"]),
-               files[2].iter_batches(ROWS_PER_GROUP, columns=["sample_id", "loss"])]
     scores: list[list[float]] = []
-    for t, u, h in zip(*streams):
-        assert t.column(0).equals(u.column(0)) and t.column(0).equals(h.column(0))
-        resp = t.column(1).flatten().to_numpy(zero_copy_only=False)
-        lu = u.column(1).flatten().to_numpy()
-        lh = h.column(1).flatten().to_numpy()
-        s = (lu[resp] - lh[resp]).astype(np.float32)  # float32, exactly as ours computes S
-        lengths = t.column(1).value_lengths().to_numpy()
-        offs = np.concatenate([[0], np.cumsum(lengths)])
-        counts = np.add.reduceat(resp, offs[:-1]).astype(np.int64)
+    for s, counts in _load_s(d):
         scores.extend(x.tolist() for x in np.split(s, np.cumsum(counts)[:-1]))
-    del files, streams, t, u, h, resp, lu, lh, s
+    del s, counts
     gc.collect()
     load_seconds = time.perf_counter() - t_load
     loaded = C.memory_report()
@@ -307,10 +375,13 @@ def main(argv=None) -> int:
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--data", default=None, help=argparse.SUPPRESS)
     p.add_argument("--mask", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--patch", default="", help="what-if: run OURS with proposed toss_core changes monkeypatched in "
+                   "(comma list of prebuffer-off, mask-nodict); results are then labelled as patched")
     a = p.parse_args(argv)
 
     if a.child:
-        fn = {"gen": child_gen, "baseline": child_baseline, "ours": child_ours, "ref": child_ref}[a.child]
+        fn = {"gen": child_gen, "baseline": child_baseline, "ours": child_ours, "ref": child_ref,
+              "core": child_core}[a.child]
         print(json.dumps(fn(a)), flush=True)
         return 0
 

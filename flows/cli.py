@@ -14,7 +14,6 @@ read artifact folders or plain Parquet files with the documented columns and wri
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -63,48 +62,85 @@ def _load(config: Path, overrides: list[str], store: str | None = None):
 
 # ---- whole pipeline ----------------------------------------------------------------------------
 
-@app.command(epilog="Example: toss run configs/quick.yaml --pro --set select.ratio=0.2 --force select")
+@app.command(epilog="Examples:\n\n  toss run configs/quick.yaml\n\n  toss run configs/quick.yaml --pro "
+                    "--set select.ratio=0.2 --force select\n\n  toss run configs/quick.yaml --no-prefect")
 def run(
     config: Annotated[Path, typer.Argument(help="pipeline config (YAML), e.g. configs/quick.yaml")],
     set_: SetOpt = [],
-    store: Annotated[Optional[str], typer.Option(help="artifact store URL (overrides store.url)")] = None,
+    store: Annotated[Optional[str], typer.Option(help="artifact store URL (overrides store.url), e.g. "
+                                                      "s3://bucket/prefix")] = None,
     pro: Annotated[bool, typer.Option("--pro", help="TOSS-Pro: refine the safety-degraded model for pro.rounds")] = False,
     force: Annotated[list[str], typer.Option(help="recompute a step even if cached: prepare, train_reference, "
                                                   "score, select, finetune")] = [],
+    no_prefect: Annotated[bool, typer.Option("--no-prefect", help="run the stages in plain Python, in order, "
+                                                                  "without Prefect (same store, same cache)")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="show the full traceback on errors")] = False,
 ) -> None:
-    """Run TOSS (or TOSS-Pro) end to end; finished stages are reused from the store."""
-    from toss_core.pipeline import STEPS, run_pipeline
+    """Run TOSS (or TOSS-Pro) end to end as a Prefect flow; finished stages are reused from the store.
+
+    Without PREFECT_API_URL, a local Prefect server runs for the duration of the command (its UI
+    address is printed; `prefect server start` shows the run history afterwards).
+    """
+    from toss_core.pipeline import STEPS
 
     bad = [f for f in force if f not in STEPS]
     if bad:
         _fail(f"--force {bad[0]}: unknown step; choose from {', '.join(STEPS)}")
     cfg = _load(config, set_, store)
     _quiet_libraries()
-    console.print(f"[bold]toss run[/] {cfg.name} | store {cfg.store.url} | {'TOSS-Pro' if pro else 'TOSS'}")
+    console.print(f"[bold]toss run[/] {cfg.name} | store {cfg.store.url} | {'TOSS-Pro' if pro else 'TOSS'}"
+                  f"{' | no Prefect' if no_prefect else ''}")
     t0 = time.perf_counter()
+    try:
+        rows, final = (_run_plain if no_prefect else _run_prefect)(cfg, pro, list(force))
+    except Exception as e:  # one clear line; the traceback with --debug
+        if debug:
+            raise
+        _fail(f"{type(e).__name__}: {e}")
+    _print_summary(rows, time.perf_counter() - t0)
+    print(f"mask:          {final['mask']}")
+    print(f"final adapter: {final['finetune']}")
+
+
+def _run_plain(cfg, pro: bool, force: list[str]):
+    from toss_core.pipeline import run_pipeline
 
     def on_stage(name, outcome):
         status = "[dim]reused[/]" if outcome.reused else "[green]computed[/]"
         console.print(f"  {name:<24} {status} {outcome.seconds:7.2f}s")
 
-    try:
-        result = run_pipeline(cfg, pro=pro, force=tuple(force), on_stage=on_stage)
-    except Exception as e:  # a clear one-line cause; the traceback when asked for
-        if "--debug" in sys.argv:
-            raise
-        _fail(f"{type(e).__name__}: {e}")
-    _print_summary(result.steps, time.perf_counter() - t0)
-    print(f"mask:             {result.final['mask'].ref.uri}")
-    print(f"final adapter:    {result.final['finetune'].ref.uri}")
+    result = run_pipeline(cfg, pro=pro, force=tuple(force), on_stage=on_stage)
+    rows = [{"stage": n, "status": "reused" if o.reused else "computed", "seconds": round(o.seconds, 2),
+             "artifact": o.ref.uri} for n, o in result.steps]
+    return rows, {k: result.final[k].ref.uri for k in ("mask", "finetune")}
 
 
-def _print_summary(steps, seconds: float) -> None:
-    table = Table(title=f"stages ({seconds:.1f}s)", show_lines=False)
+def _run_prefect(cfg, pro: bool, force: list[str]):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from flows.local_server import prefect_api
+    from flows.toss import toss_pipeline, toss_pro
+
+    flow = (toss_pro if pro else toss_pipeline).with_options(
+        task_runner=ThreadPoolTaskRunner(max_workers=cfg.orchestration.max_workers))
+    with prefect_api(Path(cfg.store.url) if "://" not in cfg.store.url else Path(".toss")) as (url, started):
+        if started:
+            console.print(f"Prefect server for this run: {url.removesuffix('/api')} (stopped at the end)")
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            out = flow(cfg, force)
+    return out["stages"], {k: out[k]["uri"] for k in ("mask", "finetune")}
+
+
+def _print_summary(rows: list[dict], seconds: float) -> None:
+    computed = sum(r["status"] == "computed" for r in rows)
+    table = Table(title=f"{len(rows)} stages, {computed} computed, {len(rows) - computed} reused ({seconds:.1f}s)")
     for col in ("stage", "status", "seconds", "artifact"):
-        table.add_column(col)
-    for name, o in steps:
-        table.add_row(name, "reused" if o.reused else "computed", f"{o.seconds:.2f}", o.ref.uri)
-    console.print(table)
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(r["stage"], r["status"], f"{r['seconds']:.2f}", r["artifact"])
+    # Artifact paths are long: do not squeeze the table into 80 columns when output is not a terminal.
+    Console(stderr=True, width=max(console.width, 150)).print(table)
 
 
 @app.command()

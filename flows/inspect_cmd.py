@@ -98,9 +98,11 @@ def _parse_ids(ids: str | None) -> list[int] | None:
 
 
 def inspect(
-    mask: Annotated[str, typer.Argument(help="mask artifact folder (e.g. store/mask/<key>) or mask Parquet file/folder")],
+    mask: Annotated[str, typer.Argument(
+        help="mask artifact folder (e.g. store/mask/<key>) or mask Parquet file/folder")],
     tokens: Annotated[Optional[str], typer.Option(
-        help="token table the mask was made from; default: the mask manifest's inputs.tokens in the same store")] = None,
+        help="token table the mask was made from; default: the mask manifest's inputs.tokens in the same store",
+    )] = None,
     model: Annotated[Optional[str], typer.Option(
         "--model", "--tokenizer", help="model folder (or model artifact folder) whose tokenizer decodes the tokens; "
         "default: the token table manifest's inputs.model in the same store")] = None,
@@ -143,7 +145,8 @@ def inspect(
     try:
         report = mask_report(
             _parquet(mask), _parquet(tokens), tokenizer, samples=samples, ids=wanted, context=context,
-            utility_files=[f for u in utility for f in _parquet(u)], safety_files=[f for h in safety for f in _parquet(h)],
+            utility_files=[f for u in utility for f in _parquet(u)],
+            safety_files=[f for h in safety for f in _parquet(h)],
         )
     except (TableError, ValueError) as e:
         _fail(str(e))

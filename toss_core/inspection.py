@@ -79,6 +79,16 @@ class SampleView:
 
 
 @dataclass
+class Dropped:
+    """A token (or n-gram of consecutive tokens) and how often the mask dropped it."""
+
+    ids: tuple[int, ...]
+    text: str
+    count: int
+    total: int | None = None  # for single tokens: how often it occurs in responses
+
+
+@dataclass
 class GroundTruth:
     """The mask against the data's own `is_harmful` flags (samples without the flag are left out)."""
 
@@ -122,8 +132,8 @@ class Report:
     share_zero: int  # samples with response tokens and nothing dropped
     share_edges: np.ndarray  # over (0, 1]
     share_counts: np.ndarray
-    top_tokens: list[tuple[str, int, int]]  # (text, times dropped, times in a response)
-    top_ngrams: dict[int, list[tuple[str, int]]]  # n -> [(text, count)]
+    top_tokens: list[Dropped]  # the most often dropped token ids; `total`: times seen in a response
+    top_ngrams: dict[int, list[Dropped]]  # n (2, 3) -> the most frequent runs of n consecutive dropped tokens
     truth: GroundTruth | None
     mean_losses: dict[str, float | None] | None  # "loss_u kept", "loss_u dropped", ... with score tables
     colour_limit: float  # |S| that gets the strongest shade
@@ -155,7 +165,8 @@ def _aligned(mask_files, token_files, token_columns, score_files: dict) -> Itera
     """The mask in batches, each with the same rows of the token table and of each score table."""
     mask = RowStream(mask_files, ["sample_id", "ids_digest", "discard", "score"], _ROWS)
     others = {"tokens": RowStream(token_files, ["sample_id", "ids_digest", *token_columns], _ROWS)}
-    others |= {name: RowStream(files, ["sample_id", "ids_digest", "loss"], _ROWS) for name, files in score_files.items()}
+    for name, files in score_files.items():
+        others[name] = RowStream(files, ["sample_id", "ids_digest", "loss"], _ROWS)
     while not mask.exhausted():
         m = mask.take(_ROWS, exact=False)
         batch = {"mask": m}
@@ -273,6 +284,8 @@ class _Counters:
         if len(x) and x.max() >= _NGRAM_BASE:
             return  # token ids beyond 2M: no n-gram table rather than wrong keys
         for n in (2, 3):
+            if len(d) < n:
+                continue
             ok = d[: len(d) - n + 1].copy()
             for k in range(1, n):  # all n tokens dropped, none of them starting a new row
                 ok &= d[k: len(d) - n + 1 + k] & ~row_start[k: len(d) - n + 1 + k]
@@ -281,7 +294,7 @@ class _Counters:
             for k in range(n):
                 keys = keys * _NGRAM_BASE + x[idx + k]
             self.ngrams[n].append(np.unique(keys, return_counts=True))
-            if sum(len(k) for k, _ in self.ngrams[n]) > 2_000_000:
+            if sum(len(k) for k, _ in self.ngrams[n]) > 2_000_000:  # keep the pending parts bounded
                 self.ngrams[n] = [_merge_counts(self.ngrams[n])]
 
     def top_ngrams(self, n: int) -> list[tuple[tuple[int, ...], int]]:
@@ -435,9 +448,10 @@ def mask_report(
         pos_total=counters.pos_total, pos_dropped=counters.pos_dropped,
         share_zero=int((shares == 0).sum()), share_edges=share_edges,
         share_counts=np.histogram(shares[shares > 0], share_edges)[0],
-        top_tokens=[(decoder.one(int(i)), int(counters.tok_dropped[i]), int(counters.tok_response[i]))
+        top_tokens=[Dropped((int(i),), decoder.one(int(i)), int(counters.tok_dropped[i]), int(counters.tok_response[i]))
                     for i in top if counters.tok_dropped[i] > 0],
-        top_ngrams={n: [("".join(decoder.texts(list(g))), c) for g, c in counters.top_ngrams(n)] for n in (2, 3)},
+        top_ngrams={n: [Dropped(g, "".join(decoder.texts(list(g))), c) for g, c in counters.top_ngrams(n)]
+                    for n in (2, 3)},
         truth=_ground_truth(n_resp, n_drop, flag),
         mean_losses=None if counters.loss_sums is None else
         {k: (total / n if n else None) for k, (total, n) in sorted(counters.loss_sums.items())},
@@ -564,9 +578,9 @@ def _mpl_text(text: str) -> str:
 
 def _plot_top(r: Report):
     fig = _figure(_WIDE)
-    panels = [("Top dropped tokens", [(t, d, f"{d}/{n}") for t, d, n in r.top_tokens[:10]]),
-              ("Top dropped bigrams", [(t, c, str(c)) for t, c in r.top_ngrams[2][:10]]),
-              ("Top dropped trigrams", [(t, c, str(c)) for t, c in r.top_ngrams[3][:10]])]
+    panels = [("Top dropped tokens", [(x.text, x.count, f"{x.count}/{x.total}") for x in r.top_tokens[:10]]),
+              ("Top dropped bigrams", [(x.text, x.count, str(x.count)) for x in r.top_ngrams[2][:10]]),
+              ("Top dropped trigrams", [(x.text, x.count, str(x.count)) for x in r.top_ngrams[3][:10]])]
     for ax, (title, rows) in zip(fig.subplots(1, 3), panels):
         rows = rows[::-1]
         bars = ax.barh(range(len(rows)), [c for _, c, _ in rows], color=_RED, height=0.7)
@@ -652,34 +666,37 @@ def _fmt(v) -> str:
 
 
 def _render_tokens(v: SampleView, limit: float) -> str:
-    parts, i, n = [], 0, len(v.texts)
-    turn_pos = 0
-    while i < n:
-        if not v.response[i]:  # prompt: one span per special token, one per run of plain text
-            j = i + 1
-            while not v.special[i] and j < n and not v.response[j] and not v.special[j]:
-                j += 1
-            cls = "p s" if v.special[i] else "p"
-            parts.append(f'<span class="{cls}" title="prompt · position {i}{"-" + str(j - 1) if j - i > 1 else ""}">'
-                         f"{html.escape(''.join(v.texts[i:j]))}</span>")
-            i, turn_pos = j, 0
+    parts, i, turn_pos = [], 0, 0
+    while i < len(v.texts):
+        if v.response[i]:
+            parts.append(_response_span(v, i, turn_pos, limit))
+            i, turn_pos = i + 1, turn_pos + 1
             continue
-        s = float(v.score[i])
-        title = [f"S {s:+.3f}" if not math.isnan(s) else "S n/a"]
-        if v.loss_u is not None:
-            title.append(f"loss_u {_fmt(float(v.loss_u[i]))}")
-        if v.loss_h is not None:
-            title.append(f"loss_h {_fmt(float(v.loss_h[i]))}")
-        title.append(f"position {i} (response token {turn_pos + 1} of its turn)")
-        if v.discard[i]:
-            title.append("DROPPED")
-        cls = f"r c{_shade_class(s, limit) if not math.isnan(s) else _COLOUR_STEPS}"
-        cls += " d" if v.discard[i] else ""
-        cls += " s" if v.special[i] else ""
-        text = v.texts[i].replace("\n", "↵\n")
-        parts.append(f'<span class="{cls}" title="{html.escape(" · ".join(title))}">{html.escape(text)}</span>')
-        i, turn_pos = i + 1, turn_pos + 1
+        j = i + 1  # prompt: one span per special token, one per run of plain text
+        while not v.special[i] and j < len(v.texts) and not v.response[j] and not v.special[j]:
+            j += 1
+        where = f"position {i}" if j == i + 1 else f"positions {i}-{j - 1}"
+        parts.append(f'<span class="{"p s" if v.special[i] else "p"}" title="prompt · {where}">'
+                     f"{html.escape(''.join(v.texts[i:j]))}</span>")
+        i, turn_pos = j, 0
     return "".join(parts)
+
+
+def _response_span(v: SampleView, i: int, turn_pos: int, limit: float) -> str:
+    s = float(v.score[i])
+    title = ["S n/a" if math.isnan(s) else f"S {s:+.3f}"]
+    for name, loss in (("loss_u", v.loss_u), ("loss_h", v.loss_h)):
+        if loss is not None:
+            title.append(f"{name} {_fmt(float(loss[i]))}")
+    title.append(f"position {i} (response token {turn_pos + 1} of its turn)")
+    cls = ["r", f"c{_COLOUR_STEPS if math.isnan(s) else _shade_class(s, limit)}"]
+    if v.discard[i]:
+        title.append("DROPPED")
+        cls.append("d")
+    if v.special[i]:
+        cls.append("s")
+    text = v.texts[i].replace("\n", "↵\n")  # a dropped newline stays visible
+    return f'<span class="{" ".join(cls)}" title="{html.escape(" · ".join(title))}">{html.escape(text)}</span>'
 
 
 def _sample_html(v: SampleView, limit: float) -> str:
@@ -698,7 +715,8 @@ def _sample_html(v: SampleView, limit: float) -> str:
 
 
 def _card(label: str, value: str, note: str = "") -> str:
-    return f'<div class="card"><div class="v">{value}</div><div class="l">{label}</div><div class="n">{note}</div></div>'
+    return (f'<div class="card"><div class="v">{value}</div><div class="l">{label}</div>'
+            f'<div class="n">{note}</div></div>')
 
 
 def _header_cards(r: Report) -> str:
@@ -724,15 +742,16 @@ def _pct(v: float | None) -> str:
 
 
 def _tables(r: Report) -> str:
-    rows = "".join(f"<tr><td><code>{html.escape(_token_label(t))}</code></td><td>{d:,}</td><td>{n:,}</td>"
-                   f"<td>{d / n:.0%}</td></tr>" for t, d, n in r.top_tokens)
+    rows = "".join(f"<tr><td><code>{html.escape(_token_label(x.text))}</code></td><td>{x.count:,}</td>"
+                   f"<td>{x.total:,}</td><td>{x.count / x.total:.0%}</td></tr>" for x in r.top_tokens)
     out = [f'<div class="tbl"><h3>Top dropped tokens</h3><table><tr><th>token</th><th>dropped</th>'
            f'<th>in responses</th><th>rate</th></tr>{rows}</table></div>']
     for n, name in ((2, "bigrams"), (3, "trigrams")):
-        rows = "".join(f"<tr><td><code>{html.escape(_token_label(t))}</code></td><td>{c:,}</td></tr>"
-                       for t, c in r.top_ngrams[n])
+        rows = "".join(f"<tr><td><code>{html.escape(_token_label(x.text))}</code></td><td>{x.count:,}</td></tr>"
+                       for x in r.top_ngrams[n])
         out.append(f'<div class="tbl"><h3>Top dropped {name}</h3><p class="hint">consecutive tokens, all dropped</p>'
-                   f'<table><tr><th>{name[:-1]}</th><th>count</th></tr>{rows or "<tr><td>none</td></tr>"}</table></div>')
+                   f'<table><tr><th>{name[:-1]}</th><th>count</th></tr>'
+                   f'{rows or "<tr><td>none</td></tr>"}</table></div>')
     return "".join(out)
 
 
@@ -745,46 +764,79 @@ def _legend(limit: float, cut: float | None) -> str:
 
 
 _CSS = """
-*{box-sizing:border-box}body{margin:0;font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#26303a;
-background:#f5f6f8}main{max-width:1360px;margin:0 auto;padding:20px 28px 60px}h1{font-size:22px;margin:0 0 2px}
-h2{font-size:17px;margin:28px 0 10px}h3{font-size:14px;margin:0 0 4px}.ctx{color:#5b6672;font-size:12.5px;margin:0 0 14px}
-.ctx code{background:#e9ecf0;padding:1px 5px;border-radius:3px}
-.cards{display:grid;grid-template-columns:repeat(auto-fit,minmax(145px,1fr));gap:10px}
-.card{background:#fff;border:1px solid #e1e5ea;border-radius:8px;padding:10px 12px}.card .v{font-size:21px;font-weight:600}
-.card .l{font-size:12px;color:#5b6672}.card .n{font-size:11.5px;color:#8a949e}
-.plots{display:grid;grid-template-columns:repeat(3,1fr);gap:12px}.plots img{width:100%;background:#fff;
-border:1px solid #e1e5ea;border-radius:8px}.plots .wide{grid-column:span 2}
-@media (max-width:900px){.plots{grid-template-columns:1fr}.plots .wide{grid-column:auto}}
-details{margin-top:12px}summary{cursor:pointer;color:#2166ac;font-size:13px}
-.tables{display:grid;grid-template-columns:repeat(auto-fit,minmax(250px,1fr));gap:12px;margin-top:10px}
-.tbl{background:#fff;border:1px solid #e1e5ea;border-radius:8px;padding:10px 12px}.hint{margin:0 0 6px;font-size:11.5px;
-color:#8a949e}table{border-collapse:collapse;width:100%;font-size:12.5px}th,td{text-align:left;padding:2px 6px;
-border-bottom:1px solid #eef0f3}th{color:#5b6672;font-weight:500}td:not(:first-child),th:not(:first-child){text-align:right}
-code{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:12px}
-.toolbar{position:sticky;top:0;z-index:2;background:#f5f6f8;padding:10px 0;display:flex;flex-wrap:wrap;gap:14px;
-align-items:center;border-bottom:1px solid #e1e5ea}#q{flex:1;min-width:240px;padding:7px 10px;font-size:14px;
-border:1px solid #c9d0d8;border-radius:6px}.toolbar label{font-size:13px;color:#5b6672}#count{font-size:13px;color:#5b6672}
-.legend{display:flex;align-items:center;gap:8px;font-size:12px;color:#5b6672;margin:10px 0}.legend .bar{width:220px;
-height:12px;border-radius:3px;border:1px solid #d5dae0}.legend .ex{margin-left:10px}
-.sample{background:#fff;border:1px solid #e1e5ea;border-radius:8px;margin:10px 0;overflow:hidden}
-.sample header{display:flex;flex-wrap:wrap;gap:10px;align-items:baseline;padding:7px 12px;background:#fafbfc;
-border-bottom:1px solid #eef0f3;font-size:13px}.badge{font-size:11px;padding:1px 7px;border-radius:9px;background:#e6eef6;
-color:#2166ac}.badge.flag{background:#fbe3e5;color:#b2182b}.meta{color:#8a949e;font-size:11.5px}
-.conv{padding:10px 12px;white-space:pre-wrap;word-break:break-word;font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,
-monospace;font-size:13px;line-height:1.75}.p{color:#8a949e}.s{font-size:11px;color:#a3acb5}
-.r{border-radius:2px;box-shadow:inset -1px 0 #ffffffb0;color:#1b232b}.r.s{color:#5b6672}
-.d{text-decoration:line-through 2px currentColor;outline:1px solid #5a0a14;outline-offset:-1px}
-.r:hover{outline:2px solid #26303a}
+* { box-sizing: border-box }
+body { margin: 0; font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #26303a;
+       background: #f5f6f8 }
+main { max-width: 1360px; margin: 0 auto; padding: 20px 28px 60px }
+h1 { font-size: 22px; margin: 0 0 2px }
+h2 { font-size: 17px; margin: 28px 0 10px }
+h3 { font-size: 14px; margin: 0 0 4px }
+code { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 12px }
+.ctx { color: #5b6672; font-size: 12.5px; margin: 0 0 14px }
+.ctx code { background: #e9ecf0; padding: 1px 5px; border-radius: 3px }
+.cards { display: grid; grid-template-columns: repeat(auto-fit, minmax(145px, 1fr)); gap: 10px }
+.card, .tbl, .plots img, .sample { background: #fff; border: 1px solid #e1e5ea; border-radius: 8px }
+.card { padding: 10px 12px }
+.card .v { font-size: 21px; font-weight: 600 }
+.card .l { font-size: 12px; color: #5b6672 }
+.card .n, .hint, .meta { font-size: 11.5px; color: #8a949e }
+.plots { display: grid; grid-template-columns: repeat(3, 1fr); gap: 12px }
+.plots img { width: 100% }
+.plots .wide { grid-column: span 2 }
+@media (max-width: 900px) { .plots { grid-template-columns: 1fr } .plots .wide { grid-column: auto } }
+details { margin-top: 12px }
+summary { cursor: pointer; color: #2166ac; font-size: 13px }
+.tables { display: grid; grid-template-columns: repeat(auto-fit, minmax(250px, 1fr)); gap: 12px; margin-top: 10px }
+.tbl { padding: 10px 12px }
+.hint { margin: 0 0 6px }
+table { border-collapse: collapse; width: 100%; font-size: 12.5px }
+th, td { text-align: left; padding: 2px 6px; border-bottom: 1px solid #eef0f3 }
+th { color: #5b6672; font-weight: 500 }
+td:not(:first-child), th:not(:first-child) { text-align: right }
+.toolbar { position: sticky; top: 0; z-index: 2; background: #f5f6f8; padding: 10px 0; display: flex;
+           flex-wrap: wrap; gap: 14px; align-items: center; border-bottom: 1px solid #e1e5ea }
+#q { flex: 1; min-width: 240px; padding: 7px 10px; font-size: 14px; border: 1px solid #c9d0d8; border-radius: 6px }
+.toolbar label, #count { font-size: 13px; color: #5b6672 }
+.legend { display: flex; align-items: center; gap: 8px; font-size: 12px; color: #5b6672; margin: 10px 0 }
+.legend .bar { width: 220px; height: 12px; border-radius: 3px; border: 1px solid #d5dae0 }
+.legend .ex { margin-left: 10px }
+.sample { margin: 10px 0; overflow: hidden }
+.sample header { display: flex; flex-wrap: wrap; gap: 10px; align-items: baseline; padding: 7px 12px;
+                 background: #fafbfc; border-bottom: 1px solid #eef0f3; font-size: 13px }
+.badge { font-size: 11px; padding: 1px 7px; border-radius: 9px; background: #e6eef6; color: #2166ac }
+.badge.flag { background: #fbe3e5; color: #b2182b }
+/* the conversation: whitespace kept, one span per response token */
+.conv { padding: 10px 12px; white-space: pre-wrap; word-break: break-word; font-size: 14px; line-height: 1.8;
+        font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace }
+.p { color: #8a949e }
+.s { font-size: 11px; color: #a3acb5 }
+.r { border-radius: 2px; box-shadow: inset -1px 0 #ffffffb0; color: #1b232b }
+.r.s { color: #5b6672 }
+.d { text-decoration: line-through 1.5px currentColor; box-shadow: inset 0 -2px #5a0a14 }
+.r:hover { outline: 2px solid #26303a }
 """
 
+# Filters the shown samples as you type: by text (the conversation as displayed, without the newline
+# markers) or by "#id", and by the two checkboxes.
 _JS = """
-const q=document.getElementById('q'),onlyFlag=document.getElementById('flag'),onlyDrop=document.getElementById('drop');
-const cards=[...document.querySelectorAll('.sample')],count=document.getElementById('count');
-const texts=cards.map(c=>('#'+c.dataset.id+' '+c.querySelector('.conv').textContent.replace(/\u21b5/g,'')).toLowerCase());
-function apply(){const v=q.value.toLowerCase().trim();let n=0;cards.forEach((c,i)=>{
-const ok=(!v||texts[i].includes(v))&&(!onlyFlag.checked||c.dataset.flag==='1')&&(!onlyDrop.checked||c.dataset.dropped!=='0');
-c.hidden=!ok;n+=ok;});count.textContent=n+' of '+cards.length+' shown samples';}
-[q,onlyFlag,onlyDrop].forEach(e=>e.addEventListener('input',apply));apply();
+const q = document.getElementById('q'), onlyFlag = document.getElementById('flag');
+const onlyDrop = document.getElementById('drop'), count = document.getElementById('count');
+const cards = [...document.querySelectorAll('.sample')];
+const texts = cards.map(c => ('#' + c.dataset.id + ' ' +
+  c.querySelector('.conv').textContent.replaceAll('↵', '')).toLowerCase());
+function apply() {
+  const v = q.value.toLowerCase().trim();
+  let n = 0;
+  cards.forEach((c, i) => {
+    const ok = (!v || texts[i].includes(v)) && (!onlyFlag.checked || c.dataset.flag === '1')
+      && (!onlyDrop.checked || c.dataset.dropped !== '0');
+    c.hidden = !ok;
+    n += ok;
+  });
+  count.textContent = n + ' of ' + cards.length + ' shown samples';
+}
+[q, onlyFlag, onlyDrop].forEach(e => e.addEventListener('input', apply));
+apply();
 """
 
 
@@ -821,7 +873,8 @@ def write_html(report: Report, path: str | Path) -> Path:
 <div class="tables">{_tables(r)}</div></details>
 <h2>Samples</h2><p class="ctx">{len(r.shown)} samples, {order}. Response tokens are shaded by S
 (red: the safety-degraded model finds the token likely and the utility model does not); prompt text is grey.</p>
-<div class="toolbar"><input id="q" type="search" placeholder="Search the shown samples (text or #id)" autocomplete="off">
+<div class="toolbar">
+<input id="q" type="search" placeholder="Search the shown samples (text or #id)" autocomplete="off">
 <label><input id="flag" type="checkbox"> only is_harmful</label><label><input id="drop" type="checkbox"> only with drops
 </label><span id="count"></span></div>
 {_legend(r.colour_limit, r.cut)}
