@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -264,10 +265,11 @@ def run_child(role: str, a, **extra) -> dict:
            "--median-len", repr(a.median_len), "--sigma", repr(a.sigma)]
     for k, v in extra.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
+    load = os.getloadavg()[0]
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
         raise RuntimeError(f"child {role} failed (rc {p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
-    return C.last_json_line(p.stdout)
+    return {**C.last_json_line(p.stdout), "loadavg_1min_before": round(load, 2)}
 
 
 def ours_discarded(data: Path, mask: Path):
@@ -285,11 +287,18 @@ def ours_discarded(data: Path, mask: Path):
 
 
 def summarize(runs: list[dict]) -> dict:
-    return {
+    out = {
         "seconds_median": C.median([r["seconds"] for r in runs]),
         "peak_rss_mib_median": C.median([r["peak_rss_mib"] for r in runs]),
         "runs": runs,
     }
+    if runs and "phases" in runs[0]:
+        out["phases_seconds_median"] = {k: C.median([r["phases"][k]["seconds"] for r in runs]) for k in runs[0]["phases"]}
+    return out
+
+
+def _line(tag: str, r: dict) -> str:
+    return f"{tag} {r['seconds']:.2f} s, peak {r['peak_rss_mib']:.0f} MiB (load {r['loadavg_1min_before']})"
 
 
 def run_small(a, work: Path) -> dict:
@@ -300,33 +309,48 @@ def run_small(a, work: Path) -> dict:
     gen = run_child("gen", a, data=data, tokens=a.tokens)
     print(f"[select]   {gen['samples']} samples, {gen['tokens']} tokens, {gen['response_tokens']} response tokens, "
           f"{gen['disk_bytes'] / 1e6:.0f} MB on disk, {gen['seconds']} s", flush=True)
+    k = math.floor(a.ratio * gen["response_tokens"])
     base = [run_child("baseline", a) for _ in range(a.repeats)]
-    ours, ref = [], []
-    for r in range(a.repeats):  # interleaved, so background load hits both sides alike
+    ours, ref, core, patched = [], [], [], []
+    for r in range(a.repeats):  # interleaved, so background load hits every side alike
         ours.append(run_child("ours", a, data=data, mask=work / "mask_small.parquet"))
-        print(f"[select]   run {r + 1}: ours {ours[-1]['seconds']:.2f} s, peak {ours[-1]['peak_rss_mib']:.0f} MiB",
-              flush=True)
+        print(f"[select]   run {r + 1}: " + _line("ours", ours[-1]), flush=True)
         ref.append(run_child("ref", a, data=data, mask=work / "ref_discarded.npy"))
-        print(f"[select]   run {r + 1}: reference {ref[-1]['seconds']:.2f} s, peak {ref[-1]['peak_rss_mib']:.0f} MiB "
-              f"(RSS with the input lists loaded: {ref[-1]['rss_after_load_mib']:.0f} MiB)", flush=True)
+        print(f"[select]   run {r + 1}: " + _line("reference", ref[-1])
+              + f", RSS with its input lists loaded {ref[-1]['rss_after_load_mib']:.0f} MiB", flush=True)
+        core.append(run_child("core", a, data=data, mask=work / "core_discarded.npy"))
+        print(f"[select]   run {r + 1}: " + _line("ours, in-memory core", core[-1]), flush=True)
+        if a.patch:
+            patched.append(run_child("ours", a, data=data, mask=work / "mask_patched.parquet", patch=a.patch))
+            print(f"[select]   run {r + 1}: " + _line(f"ours + what-if [{a.patch}]", patched[-1]), flush=True)
     # The same discarded set (the last run of each side; every run of a side is deterministic).
     mine = ours_discarded(data, work / "mask_small.parquet")
     theirs = np.load(work / "ref_discarded.npy")
-    k = math.floor(a.ratio * gen["response_tokens"])
     assert len(mine) == len(theirs) == k, (len(mine), len(theirs), k)
     assert np.array_equal(mine, theirs), "ours and the reference discard different tokens"
-    assert all(r["discarded_tokens"] == k for r in ours + ref)
+    assert np.array_equal(np.load(work / "core_discarded.npy"), theirs)
+    if a.patch:
+        assert np.array_equal(ours_discarded(data, work / "mask_patched.parquet"), theirs)
+    assert all(r["discarded_tokens"] == k for r in ours + ref + core + patched)
     print(f"[select]   same discarded set: {k} tokens (floor({a.ratio} * {gen['response_tokens']}))", flush=True)
-    o, f = summarize(ours), summarize(ref)
+    o, f, c = summarize(ours), summarize(ref), summarize(core)
     b = C.median([x["peak_rss_mib"] for x in base])
     ref_per_token = (f["peak_rss_mib_median"] - b) * 2**20 / gen["response_tokens"]
-    return {
-        "data": gen, "baseline_rss_mib": b, "baseline_runs": base, "ours": o, "reference": f,
+    out = {
+        "data": gen, "baseline_rss_mib": b, "baseline_runs": base, "ours": o, "reference": f, "ours_core": c,
         "same_discarded_set": True, "discarded_tokens": k,
         "speedup": f["seconds_median"] / o["seconds_median"],
+        "speedup_core": f["seconds_median"] / c["seconds_median"],
         "memory_ratio_ours_over_ref": o["peak_rss_mib_median"] / f["peak_rss_mib_median"],
+        "memory_ratio_above_baseline": (o["peak_rss_mib_median"] - b) / (f["peak_rss_mib_median"] - b),
         "reference_bytes_per_response_token_above_baseline": ref_per_token,
+        "reference_load_seconds_median": C.median([r["load_seconds"] for r in ref]),
     }
+    if a.patch:
+        pt = out["ours_whatif"] = summarize(patched)
+        pt["patches"] = a.patch
+        out["speedup_whatif"] = f["seconds_median"] / pt["seconds_median"]
+    return out
 
 
 def run_big(a, work: Path, small: dict | None) -> dict:
@@ -336,16 +360,21 @@ def run_big(a, work: Path, small: dict | None) -> dict:
     print(f"[select]   {gen['samples']} samples, {gen['tokens']} tokens, {gen['response_tokens']} response tokens, "
           f"{gen['disk_bytes'] / 1e9:.2f} GB on disk, {gen['seconds']} s (generator peak {gen['peak_rss_mib']:.0f} MiB)",
           flush=True)
-    ours = []
     k = math.floor(a.ratio * gen["response_tokens"])
+    ours, patched = [], []
     for r in range(a.big_repeats):
         ours.append(run_child("ours", a, data=data, mask=work / "mask_big.parquet"))
         assert ours[-1]["discarded_tokens"] == k and ours[-1]["response_tokens"] == gen["response_tokens"]
-        print(f"[select]   run {r + 1}: ours {ours[-1]['seconds']:.1f} s, peak {ours[-1]['peak_rss_mib']:.0f} MiB",
-              flush=True)
+        print(f"[select]   run {r + 1}: " + _line("ours", ours[-1]), flush=True)
+        if a.patch:
+            patched.append(run_child("ours", a, data=data, mask=work / "mask_big_patched.parquet", patch=a.patch))
+            assert patched[-1]["discarded_tokens"] == k
+            print(f"[select]   run {r + 1}: " + _line(f"ours + what-if [{a.patch}]", patched[-1]), flush=True)
     o = summarize(ours)
     out = {"data": gen, "ours": o, "discarded_tokens": k,
-           "peak_under_4GB": o["peak_rss_mib_median"] * 2**20 < 4e9 and max(r["peak_rss_mib"] for r in ours) * 2**20 < 4e9}
+           "peak_under_4GB": max(r["peak_rss_mib"] for r in ours) * 2**20 < 4e9}
+    if a.patch:
+        out["ours_whatif"] = {**summarize(patched), "patches": a.patch}
     if small:
         per = small["reference_bytes_per_response_token_above_baseline"]
         out["reference_extrapolated_peak_gib"] = (small["baseline_rss_mib"] * 2**20 + per * gen["response_tokens"]) / 2**30
@@ -359,7 +388,7 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=C.parse_size, default=C.parse_size("10M"),
                    help="response tokens of the head-to-head case (default 10M)")
     p.add_argument("--big-tokens", type=C.parse_size, default=C.parse_size("200M"),
-                   help="response tokens of the ours-only scale case (default 200M; ~4-5 GB of temp Parquet)")
+                   help="response tokens of the ours-only scale case (default 200M; ~1.5 GB of temp Parquet)")
     p.add_argument("--skip-big", action="store_true", help="skip the --big-tokens case")
     p.add_argument("--skip-small", action="store_true", help="skip the head-to-head case")
     p.add_argument("--ratio", type=float, default=0.1, help="discard ratio d (default 0.1)")
@@ -371,12 +400,12 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--median-len", type=float, default=250.0, help="median sample length (log-normal, default 250)")
     p.add_argument("--sigma", type=float, default=1.0, help="log-normal sigma of sample lengths (default 1.0)")
+    p.add_argument("--patch", default="", help="what-if: ALSO run ours with proposed toss_core changes "
+                   "monkeypatched in (comma list of: prebuffer-off, mask-nodict), reported as a separate row")
     p.add_argument("--out", default=None, help="JSON results path (default benchmarks/results/bench_select.json)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--data", default=None, help=argparse.SUPPRESS)
     p.add_argument("--mask", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--patch", default="", help="what-if: run OURS with proposed toss_core changes monkeypatched in "
-                   "(comma list of prebuffer-off, mask-nodict); results are then labelled as patched")
     a = p.parse_args(argv)
 
     if a.child:
@@ -386,8 +415,8 @@ def main(argv=None) -> int:
         return 0
 
     work = Path(tempfile.mkdtemp(prefix="toss-bench-select-", dir=a.workdir))
-    results = {"benchmark": "bench_select", "command": " ".join([Path(sys.executable).name, *sys.argv]),
-               "machine": C.machine(), "versions": C.versions("numpy", "pyarrow", "toss"),
+    results = {"benchmark": "bench_select", "command": " ".join(["python", *sys.argv]),
+               "machine": C.machine(), "versions": C.versions("numpy", "pyarrow", "pandas", "toss"),
                "ratio": a.ratio, "lengths": {"distribution": "log-normal clipped to 20..2000", "median": a.median_len,
                                              "sigma": a.sigma, "prompt_share": "uniform 0.25..0.42 (mean 1/3)"},
                "repeats": a.repeats, "big_repeats": a.big_repeats}
@@ -415,36 +444,56 @@ def report(res: dict) -> str:
     lines = []
     s = res.get("small")
     if s:
-        o, f = s["ours"], s["reference"]
+        o, f, c = s["ours"], s["reference"], s["ours_core"]
+        b = s["baseline_rss_mib"]
         n = C.fmt_size(s["data"]["response_tokens"])
         lines.append(f"Select, {n} response tokens ({s['data']['samples']} samples), d={res['ratio']}, "
                      f"median of {res['repeats']} runs; peak RSS = VmHWM of each side's own process")
-        lines.append(C.table(
-            ["side", "what is timed", "wall s", "peak RSS MiB", "peak above import baseline MiB"],
-            [["ours (select_tokens)", "Parquet read + select + mask write", f"{o['seconds_median']:.2f}",
-              f"{o['peak_rss_mib_median']:.0f}", f"{o['peak_rss_mib_median'] - s['baseline_rss_mib']:.0f}"],
-             ["reference (tuples + sort)", "in memory, from Python lists", f"{f['seconds_median']:.2f}",
-              f"{f['peak_rss_mib_median']:.0f}", f"{f['peak_rss_mib_median'] - s['baseline_rss_mib']:.0f}"],
-             ["interpreter + imports only", "-", "-", f"{s['baseline_rss_mib']:.0f}", "0"]]))
-        lines.append(f"speed-up (ref time / ours): {s['speedup']:.1f}x   (target >= 10x: "
+        rows = [["ours: select_tokens", "Parquet read + select + mask write", f"{o['seconds_median']:.2f}",
+                 f"{f['seconds_median'] / o['seconds_median']:.1f}x", f"{o['peak_rss_mib_median']:.0f}",
+                 f"{o['peak_rss_mib_median'] - b:.0f}"]]
+        if "ours_whatif" in s:
+            w = s["ours_whatif"]
+            rows.append([f"ours + what-if [{w['patches']}]", "same", f"{w['seconds_median']:.2f}",
+                         f"{f['seconds_median'] / w['seconds_median']:.1f}x", f"{w['peak_rss_mib_median']:.0f}",
+                         f"{w['peak_rss_mib_median'] - b:.0f}"])
+        rows += [["ours: in-memory core (global_top)", "S already a float32 array", f"{c['seconds_median']:.3f}",
+                  f"{f['seconds_median'] / c['seconds_median']:.0f}x", f"{c['peak_rss_mib_median']:.0f}",
+                  f"{c['peak_rss_mib_median'] - b:.0f}"],
+                 ["reference: tuples + sort", "in memory, from Python lists", f"{f['seconds_median']:.2f}", "1.0x",
+                  f"{f['peak_rss_mib_median']:.0f}", f"{f['peak_rss_mib_median'] - b:.0f}"],
+                 ["interpreter + imports only", "-", "-", "-", f"{b:.0f}", "0"]]
+        lines.append(C.table(["side", "what is timed", "wall s", "speed-up vs ref", "peak RSS MiB",
+                              "above import baseline MiB"], rows))
+        lines.append(f"end to end speed-up (ref time / ours): {s['speedup']:.1f}x   (target >= 10x: "
                      f"{'met' if s['speedup'] >= 10 else 'MISSED'})")
         lines.append(f"peak memory (ours / ref): {s['memory_ratio_ours_over_ref']:.3f} = 1/"
                      f"{1 / s['memory_ratio_ours_over_ref']:.1f}   (target <= 1/4: "
-                     f"{'met' if s['memory_ratio_ours_over_ref'] <= 0.25 else 'MISSED'})")
+                     f"{'met' if s['memory_ratio_ours_over_ref'] <= 0.25 else 'MISSED'}); above the import baseline: "
+                     f"1/{1 / s['memory_ratio_above_baseline']:.1f}")
+        lines.append("ours, by phase (median s): " + "; ".join(
+            f"{k} {v:.2f}" for k, v in o["phases_seconds_median"].items()))
         lines.append(f"same discarded set: {s['same_discarded_set']} ({s['discarded_tokens']} tokens)")
-    b = res.get("big")
-    if b:
-        o = b["ours"]
+    bg = res.get("big")
+    if bg:
+        o = bg["ours"]
         lines.append("")
-        lines.append(f"Select, {C.fmt_size(b['data']['response_tokens'])} response tokens ({b['data']['samples']} "
-                     f"samples, {b['data']['disk_bytes'] / 1e9:.2f} GB of Parquet), ours only, median of "
+        lines.append(f"Select, {C.fmt_size(bg['data']['response_tokens'])} response tokens ({bg['data']['samples']} "
+                     f"samples, {bg['data']['disk_bytes'] / 1e9:.2f} GB of Parquet), ours only, median of "
                      f"{res['big_repeats']} runs")
-        lines.append(C.table(["side", "wall s", "peak RSS MiB", "peak RSS GB (1e9)", "under 4 GB"],
-                             [["ours (select_tokens)", f"{o['seconds_median']:.1f}", f"{o['peak_rss_mib_median']:.0f}",
-                               f"{o['peak_rss_mib_median'] * 2**20 / 1e9:.2f}", str(b["peak_under_4GB"])]]))
-        if "reference_extrapolated_peak_gib" in b:
-            lines.append(f"reference, extrapolated from its measured bytes per token: "
-                         f"~{b['reference_extrapolated_peak_gib']:.0f} GiB (not run)")
+        rows = [["ours: select_tokens", f"{o['seconds_median']:.1f}", f"{o['peak_rss_mib_median']:.0f}",
+                 f"{o['peak_rss_mib_median'] * 2**20 / 1e9:.2f}", str(bg["peak_under_4GB"])]]
+        if "ours_whatif" in bg:
+            w = bg["ours_whatif"]
+            rows.append([f"ours + what-if [{w['patches']}]", f"{w['seconds_median']:.1f}",
+                         f"{w['peak_rss_mib_median']:.0f}", f"{w['peak_rss_mib_median'] * 2**20 / 1e9:.2f}",
+                         str(max(r["peak_rss_mib"] for r in w["runs"]) * 2**20 < 4e9)])
+        lines.append(C.table(["side", "wall s", "peak RSS MiB", "peak RSS GB", "under 4 GB"], rows))
+        lines.append("ours, by phase (median s): " + "; ".join(
+            f"{k} {v:.1f}" for k, v in o["phases_seconds_median"].items()))
+        if "reference_extrapolated_peak_gib" in bg:
+            lines.append(f"reference, extrapolated from its measured bytes per token at the small size: "
+                         f"~{bg['reference_extrapolated_peak_gib']:.0f} GiB (not run)")
     return "\n".join(lines)
 
 
