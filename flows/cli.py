@@ -5,6 +5,7 @@
     toss validate configs/paper-llama3-8b.yaml           # check a config without a GPU
     toss select --tokens T --utility U --safety S --ratio 0.1 --out mask/
     toss store ls
+    toss inspect store/mask/<key> --out mask.html         # see which tokens were dropped, and why
 
 Single stages (`prepare`, `train`, `score`, `select`, `finetune`) run without Prefect or a store: they
 read artifact folders or plain Parquet files with the documented columns and write an artifact folder
@@ -381,6 +382,11 @@ def store_gc(
     for path in removed:
         print(("would remove " if dry_run else "removed ") + path)
     console.print(f"{len(removed)} path(s) {'to remove' if dry_run else 'removed'}")
+
+
+from flows.inspect_cmd import inspect  # noqa: E402  (a command of its own module; registered here)
+
+app.command("inspect", epilog="Example: toss inspect store/mask/<key> --samples 50 --out mask.html")(inspect)
 
 
 def main() -> None:
