@@ -1,11 +1,9 @@
 """The stage commands chain without Prefect or a store, through artifact folders and plain Parquet."""
 
 import json
-import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
-import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
