@@ -155,6 +155,11 @@ def test_deepspeed_zero2_lora_run_matches_the_plain_loop(tiny_model_dir, tmp_pat
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
     assert ckpt.latest()[0] == 1  # a DeepSpeed checkpoint was written through the same protocol
+    resumed = train_lora(tiny_model_dir, data, ds_cfg, tmp_path / "ds-resumed", checkpoints=ckpt, progress=False)
+    assert resumed["resumed_from_step"] == 1
+    c = load_file(str(tmp_path / "ds-resumed" / "adapter_model.safetensors"))
+    for k in b:
+        torch.testing.assert_close(b[k], c[k], rtol=1e-5, atol=1e-6)
     # a plain run still works in the same process afterwards
     again = train_lora(tiny_model_dir, data, _cfg(epochs=1), tmp_path / "plain2", progress=False)
     assert again["engine"] == "accelerate" and again["history"][-1]["loss"] == plain["history"][-1]["loss"]
