@@ -4,18 +4,20 @@
 
 Global mode is exact: exactly floor(d * N) response tokens of the whole custom set are discarded,
 ties broken by (sample_id, position) ascending, so the mask does not depend on how the scores were
-sharded or on the hardware. Two streaming passes keep memory at ~10 bytes per response token (200M
-tokens in ~2 GB), never a Python object per token:
+sharded or on the hardware. One streaming pass over the inputs keeps memory at ~10 bytes per
+response token (200M tokens in ~2 GB), never a Python object per token:
   1. zip the token table with both score tables in sample_id order (digests checked), keep the
-     response tokens' S in one float32 array, in (sample_id, position) order;
-  2. find the cut with a partition (O(N), no sort), then stream the token table again to write the
-     mask rows and the statistics.
+     response tokens' S in one float32 array, in (sample_id, position) order, plus a compact layout
+     of each chunk (ids, digests, offsets, bit-packed response mask);
+  2. find the cut with a partition (O(N), no sort), then write the mask rows chunk by chunk and
+     accumulate the statistics.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -47,35 +49,48 @@ def _turn_positions(resp: np.ndarray) -> np.ndarray:
     return (idx - start_idx)[resp]
 
 
-def _collect_scores(tokens_files, utility_files, safety_files) -> tuple[np.ndarray, np.ndarray]:
-    """Pass 1: S of every response token in (sample_id, position) order, and response tokens per sample."""
+@dataclass
+class _Chunk:
+    """What pass 2 needs of a chunk of samples, kept from pass 1 so the token table is read once:
+    ~40 bytes per sample plus 1 bit per token (response mask, bit-packed)."""
+
+    sample_id: pa.Array
+    ids_digest: pa.Array
+    offsets: np.ndarray
+    resp_bits: np.ndarray
+    n_tokens: int
+
+    def response_mask(self) -> np.ndarray:
+        return np.unpackbits(self.resp_bits, count=self.n_tokens).astype(bool)
+
+
+def _collect_scores(tokens_files, utility_files, safety_files) -> tuple[np.ndarray, np.ndarray, list[_Chunk]]:
+    """Pass 1: S of every response token in (sample_id, position) order, response tokens per sample,
+    and the compact chunk layout for pass 2."""
     toks = RowStream(tokens_files, ["sample_id", "ids_digest", "response_mask"], _ROWS)
     util = RowStream(utility_files, ["sample_id", "ids_digest", "loss"], _ROWS)
     safe = RowStream(safety_files, ["sample_id", "ids_digest", "loss"], _ROWS)
-    parts, counts = [], []
+    parts, counts, chunks = [], [], []
     while not toks.exhausted():
         t = toks.take(_ROWS, exact=False)
         u, h = util.take(t.num_rows), safe.take(t.num_rows)
         check_aligned(t, u, "utility scores")
         check_aligned(t, h, "safety scores")
         resp = flat_values(t.column("response_mask"), bool)
+        offsets = list_offsets(t.column("response_mask"))
         s = flat_values(u.column("loss"), np.float32)[resp] - flat_values(h.column("loss"), np.float32)[resp]
         if np.isnan(s).any():
             raise TableError("a response token has no loss in the score tables (NaN): were they computed "
                              "with another response mask?")
         parts.append(s)
-        counts.append(_response_counts(t))
+        counts.append(np.add.reduceat(resp, offsets[:-1]) if len(resp) else np.zeros(t.num_rows, np.int64))
+        chunks.append(_Chunk(t.column("sample_id").combine_chunks(), t.column("ids_digest").combine_chunks(),
+                             offsets, np.packbits(resp), len(resp)))
     for name, stream in (("utility scores", util), ("safety scores", safe)):
         if not stream.exhausted():
             raise TableError(f"{name} have more samples than the token table")
     scores = np.concatenate(parts) if parts else np.zeros(0, np.float32)
-    return scores, (np.concatenate(counts) if counts else np.zeros(0, np.int64))
-
-
-def _response_counts(tokens: pa.Table) -> np.ndarray:
-    resp = flat_values(tokens.column("response_mask"), bool)
-    offsets = list_offsets(tokens.column("response_mask"))
-    return np.add.reduceat(resp, offsets[:-1]) if len(resp) else np.zeros(tokens.num_rows, np.int64)
+    return scores, (np.concatenate(counts) if counts else np.zeros(0, np.int64)), chunks
 
 
 def global_top(scores: np.ndarray, k: int) -> np.ndarray:
@@ -118,7 +133,8 @@ class _Stats:
     """Counters accumulated while the mask is written (pass 2)."""
 
     def __init__(self, lo: float, hi: float, bins: int = 50):
-        self.edges = np.linspace(lo, hi if hi > lo else lo + 1.0, bins + 1)
+        self.lo, self.hi, self.bins = lo, (hi if hi > lo else lo + 1.0), bins
+        self.edges = np.linspace(self.lo, self.hi, bins + 1)
         self.hist_all = np.zeros(bins, np.int64)
         self.hist_discarded = np.zeros(bins, np.int64)
         self.pos_total = np.zeros(_FINE_POSITIONS + 1, np.int64)
@@ -126,8 +142,10 @@ class _Stats:
         self.samples = self.samples_touched = self.samples_emptied = 0
 
     def add(self, s, d, pos, per_sample_discards, per_sample_counts):
-        self.hist_all += np.histogram(s, self.edges)[0]
-        self.hist_discarded += np.histogram(s[d], self.edges)[0]
+        # Equal-width bins by arithmetic + bincount: np.histogram with explicit edges sorts the data.
+        b = np.minimum(((s - self.lo) * (self.bins / (self.hi - self.lo))).astype(np.int64), self.bins - 1)
+        self.hist_all += np.bincount(b, minlength=self.bins)
+        self.hist_discarded += np.bincount(b[d], minlength=self.bins)
         p = np.minimum(pos, _FINE_POSITIONS)
         self.pos_total += np.bincount(p, minlength=_FINE_POSITIONS + 1)
         self.pos_discarded += np.bincount(p[d], minlength=_FINE_POSITIONS + 1)
@@ -154,16 +172,14 @@ class _Stats:
         }
 
 
-def _write_mask(tokens_files, scores, discard, sink) -> _Stats:
-    """Pass 2: stream the token table again; write full-length discard/score lists per sample."""
+def _write_mask(chunks: list[_Chunk], scores, discard, sink) -> _Stats:
+    """Pass 2: write full-length discard/score lists per sample, chunk by chunk."""
     stats = _Stats(float(scores.min()) if len(scores) else 0.0, float(scores.max()) if len(scores) else 1.0)
-    toks = RowStream(tokens_files, ["sample_id", "ids_digest", "response_mask"], _ROWS)
     cursor = 0
-    with pq.ParquetWriter(sink, MASK_SCHEMA) as writer:
-        while not toks.exhausted():
-            t = toks.take(_ROWS, exact=False)
-            offsets = list_offsets(t.column("response_mask"))
-            resp = flat_values(t.column("response_mask"), bool)
+    # Scores are continuous and ids unique: dictionary encoding costs time for nothing.
+    with pq.ParquetWriter(sink, MASK_SCHEMA, use_dictionary=False) as writer:
+        for c in chunks:
+            offsets, resp = c.offsets, c.response_mask()
             n = int(resp.sum())
             s, d = scores[cursor : cursor + n], discard[cursor : cursor + n]
             cursor += n
@@ -171,13 +187,14 @@ def _write_mask(tokens_files, scores, discard, sink) -> _Stats:
             full_s[resp] = s
             full_d = np.zeros(len(resp), bool)
             full_d[resp] = d
-            row_d = np.add.reduceat(full_d, offsets[:-1]) if len(resp) else np.zeros(t.num_rows, np.int64)
-            row_n = np.add.reduceat(resp, offsets[:-1]) if len(resp) else np.zeros(t.num_rows, np.int64)
+            rows = len(c.sample_id)
+            row_d = np.add.reduceat(full_d, offsets[:-1]) if len(resp) else np.zeros(rows, np.int64)
+            row_n = np.add.reduceat(resp, offsets[:-1]) if len(resp) else np.zeros(rows, np.int64)
             stats.add(s, d, _turn_positions(resp), row_d, row_n)
             writer.write_table(pa.table(
                 {
-                    "sample_id": t.column("sample_id"),
-                    "ids_digest": t.column("ids_digest"),
+                    "sample_id": c.sample_id,
+                    "ids_digest": c.ids_digest,
                     "discard": list_array(full_d, offsets, pa.bool_()),
                     "score": list_array(full_s, offsets, pa.float32()),
                 },
@@ -194,9 +211,9 @@ def select_tokens(
     sink,
 ) -> dict:
     """Write the mask table to `sink` (path or file object); return its statistics (SPEC section 3)."""
-    scores, counts = _collect_scores(tokens_files, utility_files, safety_files)
+    scores, counts, chunks = _collect_scores(tokens_files, utility_files, safety_files)
     discard = choose(scores, counts, cfg)
-    stats = _write_mask(tokens_files, scores, discard, sink)
+    stats = _write_mask(chunks, scores, discard, sink)
     n, k = len(scores), int(discard.sum())
     cut = float(scores[discard].min()) if k else None
     return {

@@ -259,7 +259,7 @@ def produce_scores(writer, model_dir: Path, adapter_dir: Path | None, token_file
     scores, metrics = score_tokens(net, table.slice(lo, hi - lo), cfg.max_tokens_per_batch, pad_id=pad,
                                    progress=_score_bar(f"score shard {shard + 1}/{cfg.shards}", progress))
     with writer.open(f"scores-{shard:05d}.parquet", "wb") as f:
-        pq.write_table(scores, f)
+        pq.write_table(scores, f, use_dictionary=False)  # continuous losses: no dictionary
     writer.metrics.update(metrics, rows=[lo, hi])
 
 
