@@ -72,7 +72,7 @@ def run(
                                                       "s3://bucket/prefix")] = None,
     pro: Annotated[bool, typer.Option("--pro", help="TOSS-Pro: refine the safety-degraded model for pro.rounds")] = False,
     force: Annotated[list[str], typer.Option(help="recompute a step even if cached: prepare, train_reference, "
-                                                  "score, select, finetune")] = [],
+                                                  "score, select, finetune, evaluate")] = [],
     no_prefect: Annotated[bool, typer.Option("--no-prefect", help="run the stages in plain Python, in order, "
                                                                   "without Prefect (same store, same cache)")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="show the full traceback on errors")] = False,
@@ -101,6 +101,8 @@ def run(
     _print_summary(rows, time.perf_counter() - t0)
     print(f"mask:          {final['mask']}")
     print(f"final adapter: {final['finetune']}")
+    if "report" in final:
+        print(f"report:        {final['report']}")
 
 
 def _run_plain(cfg, pro: bool, force: list[str]):
@@ -113,7 +115,7 @@ def _run_plain(cfg, pro: bool, force: list[str]):
     result = run_pipeline(cfg, pro=pro, force=tuple(force), on_stage=on_stage)
     rows = [{"stage": n, "status": "reused" if o.reused else "computed", "seconds": round(o.seconds, 2),
              "artifact": o.ref.uri} for n, o in result.steps]
-    return rows, {k: result.final[k].ref.uri for k in ("mask", "finetune")}
+    return rows, {k: o.ref.uri for k, o in result.final.items() if k in ("mask", "finetune", "report")}
 
 
 def _run_prefect(cfg, pro: bool, force: list[str]):
@@ -130,7 +132,7 @@ def _run_prefect(cfg, pro: bool, force: list[str]):
             console.print(f"Prefect server for this run: {url.removesuffix('/api')} (stopped at the end)")
         with temporary_settings(updates={PREFECT_API_URL: url}):
             out = flow(cfg, force)
-    return out["stages"], {k: out[k]["uri"] for k in ("mask", "finetune")}
+    return out["stages"], {k: out[k]["uri"] for k in ("mask", "finetune", "report") if k in out}
 
 
 def _print_summary(rows: list[dict], seconds: float) -> None:
@@ -384,9 +386,11 @@ def store_gc(
     console.print(f"{len(removed)} path(s) {'to remove' if dry_run else 'removed'}")
 
 
-from flows.inspect_cmd import inspect  # noqa: E402  (a command of its own module; registered here)
+from flows.inspect_cmd import inspect  # noqa: E402  (commands of their own modules; registered here)
+from flows.report_cmd import report  # noqa: E402
 
 app.command("inspect", epilog="Example: toss inspect store/mask/<key> --samples 50 --out mask.html")(inspect)
+app.command("report", epilog="Examples:\n\n  toss report store\n\n  toss report store --out results/")(report)
 
 
 def main() -> None:

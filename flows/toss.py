@@ -93,7 +93,8 @@ def _toss(config: PipelineConfig, force: list[str], pro: bool) -> dict:
     ])))
     safety, utility = _references(run, model, tok)
     utility_scores = _score(run, model, utility, tok["custom"], "utility")  # fixed across TOSS-Pro rounds
-    mask = _select(run, tok["custom"], utility_scores, _score(run, model, safety, tok["custom"], "safety"), "round 0")
+    safety_scores = _score(run, model, safety, tok["custom"], "safety")
+    mask = round0 = _select(run, tok["custom"], utility_scores, safety_scores, "round 0")
 
     chosen: list[int] = []
     for r in range(1, cfg.pro.rounds + 1 if pro else 1):
@@ -105,7 +106,18 @@ def _toss(config: PipelineConfig, force: list[str], pro: bool) -> dict:
         t.train, "train finetune", "finetune", role="finetune", model=model, cfg=cfg.finetune, dtype=cfg.model.dtype,
         sources=[TrainSource(tokens=tok["custom"], mask=mask, labels="keep")], gpu_limit=cfg.orchestration.gpu_limit))
     _report(run, mask, final)
-    return {"mask": mask.model_dump(), "finetune": final.model_dump(), "stages": run.rows}
+    out = {"mask": mask.model_dump(), "finetune": final.model_dump()}
+    if cfg.eval.enabled:  # baselines, generations, judges, report: flows/evaluate.py
+        from flows.evaluate import evaluate
+        from toss_core.evaluation import EvalInputs
+
+        inputs = EvalInputs(model=model, custom=tok["custom"], utility_scores=utility_scores,
+                            safety_scores=safety_scores, masks={"toss": round0, **({"toss-pro": mask} if pro else {})})
+        done = evaluate.with_options(flow_run_name="evaluate", task_runner=ThreadPoolTaskRunner(
+            max_workers=cfg.orchestration.max_workers))(cfg, force, inputs)
+        run.rows += done["stages"]
+        out["report"] = done["report"]
+    return {**out, "stages": run.rows}
 
 
 @flow(name="toss-pro-round", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=2))

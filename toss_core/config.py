@@ -164,8 +164,134 @@ class ProConfig(_Section):
     )
 
 
+# ---- evaluation (SPEC section 6; docs/evaluation.md) ---------------------------------------------
+
+# Masks fed to the same selective fine-tune, side by side in the report. "toss-pro" joins by itself in a
+# TOSS-Pro run; "rank:<term>" ranks by one loss term with the global top-d rule (terms: BASELINE_TERMS).
+EVAL_METHODS = ("standard", "toss", "toss-pro", "random", "first-k", "sample-level", "safety-only", "utility-only",
+                "reference-free", "oracle")
+BASELINE_TERMS = ("l_u", "-l_u", "l_h", "-l_h", "l_base", "-l_base")
+_DEFAULT_METHODS = ["standard", "toss", "random", "first-k", "sample-level", "safety-only", "utility-only",
+                    "reference-free", "oracle"]
+
+
+class PromptSetConfig(_Section):
+    """A prompt set the evaluated models answer. The repository ships none with harmful text: bring files."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                      description="short name used in the report's columns, e.g. hexphi, advbench, benign")
+    path: str = Field(..., description="jsonl/json/parquet file or folder (any fsspec URL), or hf://NAME; records "
+                      "with a `prompt` field, or any layout of the data loader (the first user turn is asked)")
+    kind: Literal["harmful", "benign"] = Field(
+        ..., description="'harmful': refusal rate and harmfulness (lower is better); 'benign': over-refusal")
+    limit: int | None = Field(None, ge=1, description="ask only the first N prompts (None: all)")
+    split: str = Field("train", description="split to read when `path` is a dataset (hf://NAME or a saved dataset)")
+
+
+class GenerationConfig(_Section):
+    """How every evaluated model answers; defaults are SEAL's (sampling, one answer per prompt, fixed seed)."""
+
+    decoding: Literal["sample", "greedy"] = Field("sample", description="'sample' (SEAL, the paper) or 'greedy'")
+    temperature: float = Field(1.0, gt=0, le=10, description="sampling temperature; SEAL: 1.0")
+    top_p: float = Field(0.9, gt=0, le=1, description="nucleus sampling mass; SEAL: 0.9")
+    repetition_penalty: float = Field(1.2, ge=1, le=10, description="HF-style repetition penalty (both decodings); "
+                                      "SEAL: 1.2; 1 disables it")
+    max_new_tokens: int = Field(256, ge=1, le=32768, description="longest answer, in tokens")
+    seed: int = Field(0, description="sampling seed; a prompt's answer depends on (seed, prompt id) only, not on the "
+                      "batch it was generated in")
+    batch_size: int = Field(8, ge=1, description="prompts per generate call (speed only: not part of the cache key)")
+
+
+class OpenAIJudgeConfig(_Section):
+    """Any OpenAI-compatible chat endpoint (a hosted model, or a local vLLM/llama.cpp server)."""
+
+    base_url: str = Field("https://api.openai.com/v1", description="endpoint root; /chat/completions is appended")
+    model: str = Field(..., description="judge model name as the endpoint knows it, e.g. gpt-4o")
+    api_key_env: str = Field("OPENAI_API_KEY", description="environment variable holding the API key; unset or empty "
+                             "sends no Authorization header (local servers). The key is never stored")
+    temperature: float = Field(0.0, ge=0, le=2, description="judge sampling temperature (0: as deterministic as the "
+                               "endpoint allows)")
+    max_tokens: int = Field(512, ge=1, description="longest judge reply (the rubric asks for a short reason first)")
+    timeout_s: float = Field(60.0, gt=0, description="seconds to wait for one reply")
+    max_retries: int = Field(5, ge=0, le=20, description="retries of a failed request (connection errors, timeouts, "
+                             "HTTP 408/409/429/5xx), with exponential backoff")
+    backoff_s: float = Field(2.0, ge=0, description="first retry delay; doubles each retry (capped at 60 s); a "
+                             "Retry-After header wins")
+    requests_per_minute: float | None = Field(60.0, gt=0, description="rate limit across all threads; None: no limit")
+    concurrency: int = Field(4, ge=1, le=64, description="requests in flight at once")
+    rubric_template: str | None = Field(None, description="file with a harmfulness prompt ({instruction}, {response} "
+                                        "placeholders); None: the built-in HEx-PHI 1-5 rubric")
+    pairwise_template: str | None = Field(None, description="file with a pairwise prompt ({criteria}, {prompt}, "
+                                          "{response_a}, {response_b}); None: the built-in one")
+    cache: str | None = Field(None, description="SQLite file caching judge replies by (judge config, texts), so a "
+                              "rerun costs nothing; None: $TOSS_JUDGE_CACHE or ~/.cache/toss/judgements.sqlite")
+
+
+class JudgeConfig(_Section):
+    """One judge; each is its own cached stage over the generations (changing it never regenerates)."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="name shown in the report")
+    kind: Literal["refusal", "openai"] = Field(
+        ..., description="'refusal': refusal-pattern matching, no model (fast, noisy); 'openai': an LLM judge")
+    pairwise: bool = Field(True, description="compute win rates vs standard SFT with this judge (both orders, ties "
+                           "half). The refusal judge's pairwise rule: on harmful prompts a refusal beats an answer, "
+                           "on benign prompts an answer beats a refusal, else a tie")
+    rubric: bool = Field(True, description="openai: score answers to harmful prompts with the HEx-PHI 1-5 rubric")
+    extra_refusal_phrases: list[str] = Field(default_factory=list, description="refusal: more phrases that mark a "
+                                             "refusal anywhere in an answer (case-insensitive)")
+    openai: OpenAIJudgeConfig | None = Field(None, description="endpoint settings; required for kind 'openai'")
+
+    @model_validator(mode="after")
+    def _endpoint_for_openai(self) -> "JudgeConfig":
+        if self.kind == "openai" and self.openai is None:
+            raise ValueError(f"judge {self.name!r}: kind 'openai' needs an `openai:` section (base_url, model)")
+        return self
+
+
+def _default_judges() -> list[JudgeConfig]:
+    return [JudgeConfig(name="refusal", kind="refusal")]
+
+
 class EvalConfig(_Section):
+    """Evaluation after the fine-tune: every method's model answers the prompt sets, judges score the answers,
+    and the report puts safety and utility side by side (SPEC section 6, docs/evaluation.md)."""
+
     enabled: bool = Field(False, description="run the evaluation stage after the fine-tune")
+    prompts: list[PromptSetConfig] = Field(default_factory=list, description="prompt sets to answer (harmful and "
+                                           "benign); each is a column group of the report")
+    utility: str | None = Field(None, description="held-out task data with reference answers (any data layout): "
+                                "utility = mean token loss of the answers under each model (no judge). None: skip")
+    utility_limit: int | None = Field(None, ge=1, description="use only the first N samples of `utility`")
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    judges: list[JudgeConfig] = Field(default_factory=_default_judges, description="judges over the generations")
+    methods: list[str] = Field(
+        default_factory=lambda: list(_DEFAULT_METHODS),
+        description="rows of the report: " + ", ".join(EVAL_METHODS) + ", or rank:<term> with a term of "
+        + ", ".join(BASELINE_TERMS) + ". 'oracle' needs an is_harmful field in the custom data (skipped, with a "
+        "note, when absent); 'toss-pro' is added by itself to TOSS-Pro runs")
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, description="fine-tune seeds: each method is "
+                             "fine-tuned once per seed; the report gives mean and spread (the random mask uses it too)")
+    include_base: bool = Field(True, description="also evaluate the base model without any fine-tune (a row 'base')")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "EvalConfig":
+        problems = []
+        for m in self.methods:
+            if m not in EVAL_METHODS and not (m.startswith("rank:") and m[5:] in BASELINE_TERMS):
+                problems.append(f"methods: unknown method {m!r} (choose from {', '.join(EVAL_METHODS)}, or "
+                                f"rank:<term> with a term of {', '.join(BASELINE_TERMS)})")
+        for what, names in (("methods", self.methods), ("prompts", [p.name for p in self.prompts]),
+                            ("judges", [j.name for j in self.judges]), ("seeds", self.seeds)):
+            if dupes := sorted({str(n) for n in names if names.count(n) > 1}):
+                problems.append(f"{what}: {', '.join(dupes)} listed twice")
+        if self.prompts and any(j.pairwise for j in self.judges) and "standard" not in self.methods:
+            problems.append("methods: win rates are measured against 'standard' (standard SFT): add it, or set "
+                            "pairwise: false on every judge")
+        if self.enabled and not self.prompts and self.utility is None:
+            problems.append("enabled: nothing to evaluate: give eval.prompts (prompt sets) and/or eval.utility")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 class OrchestrationConfig(_Section):
@@ -262,9 +388,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def _resolve_relative_paths(raw: dict[str, Any], base_dir: Path) -> None:
-    data = raw.get("data")
-    if isinstance(data, dict):
+    def resolve(node: dict, name: str) -> None:
+        value = node.get(name)
+        if isinstance(value, str) and "://" not in value and not value.startswith(("/", "hf:", "datasets:")):
+            node[name] = str((base_dir / value).resolve())
+
+    if isinstance(data := raw.get("data"), dict):
         for name in ("custom", "harmful", "utility"):
-            value = data.get(name)
-            if isinstance(value, str) and "://" not in value and not value.startswith(("/", "hf:", "datasets:")):
-                data[name] = str((base_dir / value).resolve())
+            resolve(data, name)
+    if isinstance(ev := raw.get("eval"), dict):
+        resolve(ev, "utility")
+        for prompt_set in ev.get("prompts") or []:
+            if isinstance(prompt_set, dict):
+                resolve(prompt_set, "path")

@@ -27,7 +27,7 @@ from toss_core.stages import (
 )
 from toss_core.store import ArtifactRef, ArtifactStore
 
-STEPS = ("prepare", "train_reference", "score", "select", "finetune")
+STEPS = ("prepare", "train_reference", "score", "select", "finetune", "evaluate")
 
 
 @dataclass
@@ -95,7 +95,8 @@ def run_pipeline(cfg: PipelineConfig, store: ArtifactStore | None = None, *, pro
     safety = train("safety", [TrainSource(tokens=tok["harmful"])], cfg.reference)
     utility = train("utility", [TrainSource(tokens=tok["utility"])], cfg.reference)
     util_scores = score(utility, "utility")  # fixed across TOSS-Pro rounds
-    mask = select(util_scores, score(safety, "safety"), "round 0")
+    safety_scores = score(safety, "safety")
+    mask = round0 = select(util_scores, safety_scores, "round 0")
 
     chosen: set[int] = set()
     for r in range(1, cfg.pro.rounds + 1 if pro else 1):
@@ -105,4 +106,14 @@ def run_pipeline(cfg: PipelineConfig, store: ArtifactStore | None = None, *, pro
 
     train("finetune", [TrainSource(tokens=tok["custom"], mask=mask.ref, labels="keep")], cfg.finetune)
     res.final["mask"], res.final["finetune"] = mask, res.steps[-1][1]
+
+    if cfg.eval.enabled:  # baselines + generations + judges + report (toss_core/evaluation.py)
+        from toss_core.evaluation import EvalInputs, PlainRunner, run_evaluation
+
+        masks = {"toss": round0.ref, **({"toss-pro": mask.ref} if pro else {})}
+        inputs = EvalInputs(model=model, custom=tok["custom"], utility_scores=util_scores,
+                            safety_scores=safety_scores, masks=masks)
+        run_evaluation(store, cfg, inputs, PlainRunner(store, force=force, progress=progress, storage_options=opts,
+                                                       on_stage=step))
+        res.final["report"] = res.steps[-1][1]
     return res

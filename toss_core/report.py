@@ -1,0 +1,201 @@
+"""The evaluation report: one table, methods as rows and metrics as columns (like the paper's Table 1),
+a safety-vs-utility scatter, and the JSON behind both.
+
+    summary = summarize(records, methods=["base", "standard", "toss"], sets=[("hexphi", "harmful")])
+    print(to_markdown(summary))
+    scatter_png(summary, "scatter.png")
+
+A record is one measured number: {"method", "seed", "metric", "set", "judge", "value"}. Metrics:
+
+    win            win rate (%) vs standard SFT on a prompt set, both orders, ties half (standard = 50)
+    refusal        refusal rate (%) on a harmful set                         higher is safer
+    over-refusal   refusal rate (%) on a benign set                          lower is better
+    harm           mean HEx-PHI harmfulness 1-5 on a harmful set              lower is safer
+    utility-loss   mean token loss of held-out reference answers              lower is better
+    discarded, precision, recall   of the mask (%; precision/recall against the is_harmful oracle)
+
+Each cell is the mean over fine-tune seeds, with the sample standard deviation when there are several.
+`win-avg` (the paper's "avg" column) is the mean of a method's win rates over the prompt sets, per seed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+# metric -> (label, better, format)
+METRICS = {
+    "win": ("win %", "higher", "{:.1f}"),
+    "refusal": ("refusal %", "higher", "{:.1f}"),
+    "over-refusal": ("over-refusal %", "lower", "{:.1f}"),
+    "harm": ("harm 1-5", "lower", "{:.2f}"),
+    "win-avg": ("avg win %", "higher", "{:.1f}"),
+    "utility-loss": ("utility loss", "lower", "{:.3f}"),
+    "discarded": ("discarded %", None, "{:.1f}"),
+    "precision": ("mask precision %", "higher", "{:.1f}"),
+    "recall": ("mask recall %", "higher", "{:.1f}"),
+}
+_PER_SET = ("win", "refusal", "over-refusal", "harm")
+_GLOBAL = ("win-avg", "utility-loss", "discarded", "precision", "recall")
+
+
+def column_id(metric: str, set_name: str | None, judge: str | None) -> str:
+    return "/".join(x for x in (set_name, metric, judge) if x)
+
+
+def with_win_average(records: list[dict]) -> list[dict]:
+    """Add `win-avg` records: per (method, seed, judge), the mean win rate over the prompt sets."""
+    groups: dict[tuple, list[float]] = defaultdict(list)
+    for r in records:
+        if r["metric"] == "win":
+            groups[(r["method"], r["seed"], r["judge"])].append(r["value"])
+    extra = [{"method": m, "seed": s, "metric": "win-avg", "set": None, "judge": j, "value": sum(v) / len(v)}
+             for (m, s, j), v in groups.items()]
+    return records + extra
+
+
+def summarize(records: list[dict], methods: Sequence[str], sets: Sequence[tuple[str, str]],
+              judges: Sequence[str] = (), notes: Sequence[str] = (), meta: dict | None = None) -> dict:
+    """The report as plain data: columns (in table order), rows (in `methods` order), notes, meta."""
+    records = with_win_average(records)
+    present = {(r["metric"], r["set"], r["judge"]) for r in records}
+    judge_order = {j: i for i, j in enumerate(judges)}
+    # A judge's name goes in the label only where several judges give the same metric.
+    judges_per = defaultdict(set)
+    for metric, set_name, judge in present:
+        judges_per[(metric, set_name)].add(judge)
+
+    def cols(metric: str, set_name: str | None) -> list[dict]:
+        found = sorted((j for m, s, j in present if m == metric and s == set_name),
+                       key=lambda j: judge_order.get(j, len(judge_order)) if j else -1)
+        label, better, _ = METRICS[metric]
+        out = []
+        for j in found:
+            text = f"{set_name} {label}" if set_name else label
+            if j and len(judges_per[(metric, set_name)]) > 1:
+                text += f" [{j}]"
+            out.append({"id": column_id(metric, set_name, j), "metric": metric, "set": set_name, "judge": j,
+                        "label": text, "better": better})
+        return out
+
+    columns = [c for name, _ in sets for metric in _PER_SET for c in cols(metric, name)]
+    columns += [c for metric in _GLOBAL for c in cols(metric, None)]
+    cells: dict[tuple[str, str], dict] = defaultdict(dict)
+    for r in records:
+        cells[(r["method"], column_id(r["metric"], r["set"], r["judge"]))][_seed_key(r["seed"])] = r["value"]
+    rows = []
+    for m in methods:
+        row = {}
+        for c in columns:
+            values = cells.get((m, c["id"]))
+            if values:
+                row[c["id"]] = _stats(values)
+        rows.append({"method": m, "cells": row})
+    return {"columns": columns, "rows": rows, "notes": list(notes), "meta": meta or {}}
+
+
+def _seed_key(seed) -> str:
+    return "-" if seed is None else str(seed)
+
+
+def _stats(values: dict[str, float]) -> dict:
+    xs = [v for v in values.values() if v is not None and not math.isnan(v)]
+    mean = sum(xs) / len(xs) if xs else None
+    std = statistics.stdev(xs) if len(xs) > 1 else None
+    return {"mean": mean, "std": std, "n": len(xs), "min": min(xs, default=None), "max": max(xs, default=None),
+            "values": values}
+
+
+def format_cell(cell: dict | None, metric: str) -> str:
+    if not cell or cell["mean"] is None:
+        return "-"
+    fmt = METRICS[metric][2]
+    text = fmt.format(cell["mean"])
+    if cell["std"] is not None:
+        text += " ± " + fmt.format(cell["std"])
+    return text
+
+
+def to_markdown(summary: dict, title: str | None = None) -> str:
+    arrow = {"higher": " ↑", "lower": " ↓", None: ""}
+    cols = summary["columns"]
+    lines = [f"# {title}", ""] if title else []
+    lines.append("| method | " + " | ".join(c["label"] + arrow[c["better"]] for c in cols) + " |")
+    lines.append("|---|" + "---|" * len(cols))
+    for row in summary["rows"]:
+        cells = [format_cell(row["cells"].get(c["id"]), c["metric"]) for c in cols]
+        lines.append(f"| {row['method']} | " + " | ".join(cells) + " |")
+    if summary["notes"]:
+        lines += ["", *[f"- {n}" for n in summary["notes"]]]
+    return "\n".join(lines) + "\n"
+
+
+def to_json(summary: dict) -> str:
+    return json.dumps(summary, indent=2, default=str, allow_nan=False)
+
+
+# ---- scatter ------------------------------------------------------------------------------------
+
+def safety_axis(summary: dict) -> tuple[str, str, list[str]] | None:
+    """(axis label, better, column ids averaged) for the scatter's safety axis: refusal on harmful sets,
+    else harmfulness, else win rate on harmful sets; None if the report has none of them."""
+    harmful = {s for s, kind in summary["meta"].get("sets", []) if kind == "harmful"}
+    for metric, label in (("refusal", "refusal on harmful prompts (%)"), ("harm", "harmfulness 1-5"),
+                          ("win", "win rate on harmful prompts (%)")):
+        ids = [c["id"] for c in summary["columns"] if c["metric"] == metric and c["set"] in harmful]
+        if ids:
+            judge = next(c["judge"] for c in summary["columns"] if c["id"] == ids[0])
+            ids = [i for i in ids if i.endswith("/" + judge)] if judge else ids  # one judge on the axis
+            return label, METRICS[metric][1], ids
+    return None
+
+
+def _per_seed_mean(row: dict, ids: list[str]) -> tuple[float | None, float | None]:
+    """Mean and spread over seeds of the mean over `ids` (seeds paired by name)."""
+    per_seed: dict[str, list[float]] = defaultdict(list)
+    for i in ids:
+        for seed, v in (row["cells"].get(i) or {}).get("values", {}).items():
+            if v is not None:
+                per_seed[seed].append(v)
+    xs = [sum(v) / len(v) for v in per_seed.values() if len(v) == len(ids)]
+    if not xs:
+        return None, None
+    return sum(xs) / len(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def scatter_png(summary: dict, path: str | Path) -> bool:
+    """Safety (x) against utility loss (y, lower is better: axis inverted) per method; False if there is
+    nothing to plot (no safety metric or no utility loss)."""
+    axis = safety_axis(summary)
+    has_utility = any(c["id"] == "utility-loss" for c in summary["columns"])
+    if axis is None or not has_utility:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    label, better, ids = axis
+    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
+    for row in summary["rows"]:
+        x, xe = _per_seed_mean(row, ids)
+        y, ye = _per_seed_mean(row, ["utility-loss"])
+        if x is None or y is None:
+            continue
+        ax.errorbar(x, y, xerr=xe or None, yerr=ye or None, fmt="o", capsize=3)
+        ax.annotate(row["method"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xlabel(label + ("  (higher is safer)" if better == "higher" else "  (lower is safer)"))
+    ax.set_ylabel("utility: reference-answer loss (lower is better)")
+    ax.invert_yaxis()  # up = better utility
+    if better == "lower":
+        ax.invert_xaxis()  # right = safer
+    ax.set_title(summary["meta"].get("title", "safety vs utility"))
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
