@@ -392,6 +392,12 @@ from flows.report_cmd import report  # noqa: E402
 app.command("inspect", epilog="Example: toss inspect store/mask/<key> --samples 50 --out mask.html")(inspect)
 app.command("report", epilog="Examples:\n\n  toss report store\n\n  toss report store --out results/")(report)
 
+from flows.deploy_cmd import deploy, server, worker  # noqa: E402  (Prefect server, workers, deployments: docs/deploy.md)
+
+app.command("server", epilog="Example: toss server --host 0.0.0.0")(server)
+app.command("worker", epilog="Example: toss worker --gpus 0,1")(worker)
+app.command("deploy", epilog="Example: toss deploy --store s3://team-bucket/toss")(deploy)
+
 
 def main() -> None:
     app()

@@ -108,10 +108,10 @@ def worker(
     limit: Annotated[int, typer.Option(help="flow runs at once per worker; 1 = one run per GPU")] = 1,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the worker commands, start nothing")] = False,
 ) -> None:
-    """Start one Prefect process worker per visible GPU (each with its own CUDA_VISIBLE_DEVICES and
-    --limit 1), or one CPU worker when there is none; stay in the foreground until Ctrl-C.
+    """Start one Prefect process worker per GPU (or one CPU worker), in the foreground.
 
-    Needs PREFECT_API_URL (the team's server). Each flow run is a subprocess of its worker and
+    Each worker gets its own CUDA_VISIBLE_DEVICES and --limit 1 (one flow run per GPU) and polls the pool
+    and queue of deploy/prefect.yaml. Ctrl-C stops them all. Needs PREFECT_API_URL (the team's server). Each flow run is a subprocess of its worker and
     inherits its environment: export the store's credentials (AWS_*) before starting.
     """
     ids = [] if cpu else ([g.strip() for g in gpus.split(",") if g.strip()] if gpus else visible_gpus())
@@ -309,8 +309,10 @@ def deploy(
                                                                        "missing (MinIO)")] = False,
     prefect_file: Annotated[Path, typer.Option(help="the deployments")] = PREFECT_FILE,
 ) -> None:
-    """Create the work pools and queue if missing, make the store Prefect's default result storage, and
-    apply deploy/prefect.yaml (`prefect deploy`) to the server at PREFECT_API_URL."""
+    """Create the work pools, make the store Prefect's result storage, apply deploy/prefect.yaml.
+
+    Against the server at PREFECT_API_URL: missing work pools and the queue are created, the flows'
+    results go to <store>/_prefect_results, and `prefect deploy` applies the deployments (all, or --name)."""
     store = store or os.environ.get(STORE_ENV) or "./store"
     url = _api_url()
     os.environ["PREFECT_API_URL"] = url
