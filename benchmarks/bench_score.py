@@ -180,14 +180,15 @@ def bench_model(name: str, model, desc: str, n_samples: int, a) -> dict:
     warm = tokens.slice(0, min(4, tokens.num_rows))
     ours(model, warm, a.max_tokens_per_batch, pad)
     reference(model, warm, a.ref_batch_size, pad)
-    o_runs, r_runs, o_loss, r_loss = [], [], None, None
+    o_runs, r_runs, loads, o_loss, r_loss = [], [], [], None, None
     for r in range(a.repeats):
+        loads.append(round(os.getloadavg()[0], 2))
         o_loss, s = ours(model, tokens, a.max_tokens_per_batch, pad)
         o_runs.append(s)
         r_loss, s2 = reference(model, tokens, a.ref_batch_size, pad)
         r_runs.append(s2)
         print(f"[score]   run {r + 1}: ours {s:.2f} s ({shape['response_tokens'] / s:.0f} tok/s), reference "
-              f"{s2:.2f} s ({shape['response_tokens'] / s2:.0f} tok/s)", flush=True)
+              f"{s2:.2f} s ({shape['response_tokens'] / s2:.0f} tok/s) (load {loads[-1]})", flush=True)
     same_nan = np.array_equal(np.isnan(o_loss), np.isnan(r_loss))
     assert same_nan, "ours and the reference scored different positions"
     finite = ~np.isnan(o_loss)
@@ -197,10 +198,13 @@ def bench_model(name: str, model, desc: str, n_samples: int, a) -> dict:
     o_s, r_s = C.median(o_runs), C.median(r_runs)
     res = {
         "model": desc, "samples": n_samples, **shape,
-        "ours_seconds": o_runs, "ref_seconds": r_runs,
+        "ours_seconds": o_runs, "ref_seconds": r_runs, "loadavg_1min_before_each_run": loads,
         "ours_seconds_median": o_s, "ref_seconds_median": r_s,
         "ours_tokens_per_second": shape["response_tokens"] / o_s, "ref_tokens_per_second": shape["response_tokens"] / r_s,
         "speedup": r_s / o_s, "max_abs_loss_diff": max_diff, "mean_loss": float(np.nanmean(o_loss)),
+        # Robustness views when other processes share the CPUs (contention only ever adds time):
+        "speedup_best_of": min(r_runs) / min(o_runs),
+        "speedup_per_run_pair_median": C.median([r_ / o_ for o_, r_ in zip(o_runs, r_runs)]),
     }
     print(f"[score]   speed-up {res['speedup']:.2f}x, max |loss diff| {max_diff:.2e}", flush=True)
     return res
@@ -211,8 +215,10 @@ def main(argv=None) -> int:
         description="Scoring throughput (response tokens/s): toss_core.scoring.score_tokens vs the reference's "
                     "batches of 4 with full logits. Writes benchmarks/results/bench_score.json.")
     p.add_argument("--models", default="tiny,smollm2", help="comma list of: tiny, smollm2 (default both)")
-    p.add_argument("--tiny-samples", type=int, default=1500, help="samples for the tiny model (default 1500)")
-    p.add_argument("--smol-samples", type=int, default=48, help="samples for SmolLM2-135M (default 48)")
+    p.add_argument("--tiny-samples", type=int, default=400, help="samples for the tiny model (default 400)")
+    p.add_argument("--smol-samples", type=int, default=24,
+                   help="samples for SmolLM2-135M (default 24; more samples let the length grouping of ours pad "
+                        "less, see docs/benchmarks.md)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per side; the median is reported (3)")
     p.add_argument("--max-tokens-per-batch", type=int, default=8192, help="ours: token budget per batch (8192, "
                    "the default of score_tokens and of the score config)")
@@ -269,11 +275,13 @@ def report(res: dict) -> str:
     for name, r in res["models"].items():
         rows.append([name, r["samples"], r["response_tokens"], f"{r['ours_tokens_per_second']:.0f}",
                      f"{r['ref_tokens_per_second']:.0f}", f"{r['speedup']:.2f}x",
-                     "met" if r["speedup"] >= 2 else "MISSED", f"{r['max_abs_loss_diff']:.1e}"])
+                     "met" if r["speedup"] >= 2 else "MISSED",
+                     f"{r.get('speedup_best_of', float('nan')):.2f}x",
+                     f"{r.get('speedup_per_run_pair_median', float('nan')):.2f}x", f"{r['max_abs_loss_diff']:.1e}"])
     lines = [f"Scoring throughput, response tokens/s, median of {res['repeats']} runs, torch threads "
              f"{res['torch_threads']}",
              C.table(["model", "samples", "resp. tokens", "ours tok/s", "reference tok/s", "speed-up",
-                      "target >= 2x", "max |loss diff|"], rows)]
+                      "target >= 2x", "speed-up best-of", "speed-up pair median", "max |loss diff|"], rows)]
     wrows = []
     for name, r in res["models"].items():
         wrows.append([name, r["ours_body_positions"], r["ref_body_positions"],

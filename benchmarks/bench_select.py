@@ -124,7 +124,7 @@ def _apply_patches(names: list[str]) -> None:
     """What-if switches for the proposed toss_core changes (monkeypatched here, toss_core is not edited):
     prebuffer-off: toss_core.tables.iter_batches opens files with pre_buffer=False (pyarrow's default
       pre_buffer=True keeps every pre-buffered column chunk until the file is closed, apache/arrow#39808);
-    mask-nodict: the mask writer does not dictionary-encode the float `score` column."""
+    prealloc-scores: pass 1 writes S into one preallocated buffer instead of per-chunk arrays + concatenate."""
     import functools
     import types
 
@@ -136,11 +136,54 @@ def _apply_patches(names: list[str]) -> None:
     for name in names:
         if name == "prebuffer-off":
             T.pq = types.SimpleNamespace(ParquetFile=functools.partial(pq.ParquetFile, pre_buffer=False))
-        elif name == "mask-nodict":
-            S.pq = types.SimpleNamespace(ParquetWriter=functools.partial(
-                pq.ParquetWriter, use_dictionary=["sample_id", "ids_digest", "discard"]))
+        elif name == "prealloc-scores":
+            S._collect_scores = _collect_scores_prealloc
         elif name:
-            raise SystemExit(f"unknown --patch {name!r}: use prebuffer-off, mask-nodict")
+            raise SystemExit(f"unknown --patch {name!r}: use prebuffer-off, prealloc-scores")
+
+
+def _collect_scores_prealloc(tokens_files, utility_files, safety_files):
+    """toss_core.selection._collect_scores (as of this benchmark) with one change: S goes straight into one
+    preallocated float32 buffer sized by the token count in the Parquet footers (pages never written are
+    never resident), instead of a list of per-chunk arrays and a final np.concatenate (which doubles the
+    peak and, with glibc, leaves the freed chunks resident)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from toss_core.selection import _ROWS, _Chunk
+    from toss_core.tables import RowStream, TableError, check_aligned, flat_values, list_offsets
+
+    cap = 0
+    for f in tokens_files:
+        md = pq.ParquetFile(f).metadata
+        col = [md.schema.column(j).path for j in range(md.num_columns)].index("response_mask.list.element")
+        cap += sum(md.row_group(g).column(col).num_values for g in range(md.num_row_groups))
+    buf = np.empty(cap, np.float32)
+    toks = RowStream(tokens_files, ["sample_id", "ids_digest", "response_mask"], _ROWS)
+    util = RowStream(utility_files, ["sample_id", "ids_digest", "loss"], _ROWS)
+    safe = RowStream(safety_files, ["sample_id", "ids_digest", "loss"], _ROWS)
+    n, counts, chunks = 0, [], []
+    while not toks.exhausted():
+        t = toks.take(_ROWS, exact=False)
+        u, h = util.take(t.num_rows), safe.take(t.num_rows)
+        check_aligned(t, u, "utility scores")
+        check_aligned(t, h, "safety scores")
+        resp = flat_values(t.column("response_mask"), bool)
+        offsets = list_offsets(t.column("response_mask"))
+        m = int(resp.sum())
+        out = buf[n:n + m]
+        np.subtract(flat_values(u.column("loss"), np.float32)[resp], flat_values(h.column("loss"), np.float32)[resp],
+                    out=out)
+        if np.isnan(out).any():
+            raise TableError("a response token has no loss in the score tables (NaN)")
+        n += m
+        counts.append(np.add.reduceat(resp, offsets[:-1]) if len(resp) else np.zeros(t.num_rows, np.int64))
+        chunks.append(_Chunk(t.column("sample_id").combine_chunks(), t.column("ids_digest").combine_chunks(),
+                             offsets, np.packbits(resp), len(resp)))
+    for name, stream in (("utility scores", util), ("safety scores", safe)):
+        if not stream.exhausted():
+            raise TableError(f"{name} have more samples than the token table")
+    return buf[:n], (np.concatenate(counts) if counts else np.zeros(0, np.int64)), chunks
 
 
 def child_baseline(a) -> dict:
@@ -170,7 +213,7 @@ def child_ours(a) -> dict:
 
     timed("_collect_scores", "pass 1: read tokens + 2 score tables, S")
     timed("choose", "cut: global top floor(d*N)")
-    timed("_write_mask", "pass 2: re-read tokens, write mask + stats")
+    timed("_write_mask", "pass 2: write mask + stats")
     d = Path(a.data)
     sink = str(Path(a.mask))
     t0 = time.perf_counter()
@@ -401,7 +444,7 @@ def main(argv=None) -> int:
     p.add_argument("--median-len", type=float, default=250.0, help="median sample length (log-normal, default 250)")
     p.add_argument("--sigma", type=float, default=1.0, help="log-normal sigma of sample lengths (default 1.0)")
     p.add_argument("--patch", default="", help="what-if: ALSO run ours with proposed toss_core changes "
-                   "monkeypatched in (comma list of: prebuffer-off, mask-nodict), reported as a separate row")
+                   "monkeypatched in (comma list of: prebuffer-off, prealloc-scores), reported as a separate row")
     p.add_argument("--out", default=None, help="JSON results path (default benchmarks/results/bench_select.json)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--data", default=None, help=argparse.SUPPRESS)
