@@ -34,6 +34,7 @@ import torch
 
 from toss_core.config import GenerationConfig, PromptSetConfig
 from toss_core.data import DataError
+from toss_core.progress import progress_bar
 
 GENERATIONS_SCHEMA = pa.schema(
     [
@@ -257,7 +258,7 @@ def produce_generations(writer, model_dir: Path, adapter_dir: Path | None, promp
     texts = [render_prompt(tokenizer, p.text, p.system) for p in prompts]
     t0 = time.perf_counter()
     answers = generate(model, tokenizer, texts, [p.prompt_id for p in prompts], cfg,
-                       progress=_bar(f"generate {prompts_cfg.name}", progress))
+                       progress=progress_bar(f"generate {prompts_cfg.name}", progress, "prompt"))
     seconds = time.perf_counter() - t0
     with writer.open("generations.parquet", "wb") as f:
         pq.write_table(generations_table(prompts, answers, cfg), f)
@@ -276,20 +277,3 @@ def read_generations(files: list[str]) -> pa.Table:
         check_columns(table, GENERATIONS_SCHEMA, f)
         parts.append(table)
     return pa.concat_tables(parts).sort_by("prompt_id")
-
-
-def _bar(desc: str, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    bar = tqdm(desc=desc, unit="prompt")
-
-    def update(done, total):
-        bar.total = total
-        bar.n = done
-        bar.refresh()
-        if done >= total:
-            bar.close()
-
-    return update

@@ -29,6 +29,7 @@ from pydantic import BaseModel
 
 from toss_core.config import DataConfig, ModelConfig, ScoreConfig, SelectConfig, TrainConfig
 from toss_core.faults import maybe_fail
+from toss_core.progress import progress_bar
 from toss_core.store import ArtifactRef, ArtifactStore, artifact_key
 
 VERSIONS = {"model": 1, "tokens": 1, "train": 1, "scores": 1, "mask": 1}
@@ -257,7 +258,7 @@ def produce_scores(writer, model_dir: Path, adapter_dir: Path | None, token_file
                             device=_device())
     pad = net.config.pad_token_id or 0
     scores, metrics = score_tokens(net, table.slice(lo, hi - lo), cfg.max_tokens_per_batch, pad_id=pad,
-                                   progress=_score_bar(f"score shard {shard + 1}/{cfg.shards}", progress))
+                                   progress=progress_bar(f"score shard {shard + 1}/{cfg.shards}", progress, "tok", True))
     with writer.open(f"scores-{shard:05d}.parquet", "wb") as f:
         pq.write_table(scores, f, use_dictionary=False)  # continuous losses: no dictionary
     writer.metrics.update(metrics, rows=[lo, hi])
@@ -267,23 +268,6 @@ def _device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _score_bar(desc: str, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    bar = tqdm(desc=desc, unit="tok", unit_scale=True)
-
-    def update(done, total, seconds):
-        bar.total = total
-        bar.n = done
-        bar.refresh()
-        if done >= total:
-            bar.close()
-
-    return update
 
 
 # ---- select -------------------------------------------------------------------------------------
