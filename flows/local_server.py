@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -57,6 +58,9 @@ def prefect_api(log_dir: Path, start_timeout: float = 120) -> Iterator[tuple[str
         [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
     )
+    # SIGTERM (a scheduler, `kill PID`) would end Python without running `finally` and orphan the server:
+    # turn it into SystemExit so the server is stopped on every exit path.
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if _main_thread() else None
     try:
         deadline = time.monotonic() + start_timeout
         while not healthy(url):
@@ -73,6 +77,18 @@ def prefect_api(log_dir: Path, start_timeout: float = 120) -> Iterator[tuple[str
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _drain_prefect_clients(timeout: float = 15) -> None:

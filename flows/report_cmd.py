@@ -19,7 +19,7 @@ import typer
 from rich.console import Console
 
 console = Console(stderr=True, soft_wrap=True)
-FILES = ("report.md", "results.json", "scatter.png")
+FILES = ("report.md", "report.html", "results.json", "scatter.png")
 
 
 def _fail(message: str) -> None:

@@ -32,10 +32,10 @@ from toss_core.store import ArtifactRef
 class _Run:
     """Submits stage tasks, and records for each whether it computed or was reused (for the summary)."""
 
-    def __init__(self, cfg: PipelineConfig, force: list[str]):
-        unknown = sorted(set(force) - set(STEPS))
+    def __init__(self, cfg: PipelineConfig, force: list[str], steps: tuple[str, ...] = STEPS):
+        unknown = sorted(set(force) - set(steps))
         if unknown:
-            raise ValueError(f"force: unknown step(s) {unknown}; choose from {list(STEPS)}")
+            raise ValueError(f"force: unknown step(s) {unknown}; choose from {list(steps)}")
         self.cfg, self.force, self.rows = cfg, set(force), []
         # Task results live in the artifact store, so a retry on another worker finds them.
         self.results_at = result_storage(cfg.store)

@@ -459,6 +459,7 @@ def _as_config(params: dict, store: str = "./store"):
 
 def test_deployment_defaults_are_the_repository_configs():
     from toss_core.config import load_config
+    from toss_core.demo.config import load_demo_config
 
     deps = _deployments()
     quick = _as_config(deps["toss-quick"]["parameters"])
@@ -469,10 +470,19 @@ def test_deployment_defaults_are_the_repository_configs():
     for name in ("toss", "toss-pro"):
         paper = _as_config(deps[name]["parameters"])
         assert paper == load_config(ROOT / "configs" / "paper-llama3-8b.yaml", ["store.url=./store"])
+    assert _as_demo_config(deps["toss-demo"]["parameters"]) == load_demo_config(ROOT / "configs" / "demo.yaml")
+
+
+def _as_demo_config(params: dict, store: str = "./store"):
+    from toss_core.demo.config import DemoConfig
+
+    raw = json.loads(json.dumps(params["config"]).replace("{{ $TOSS_STORE_URL }}", store))
+    return DemoConfig.model_validate(raw)
 
 
 def test_every_deployment_is_consistent_with_the_flows_and_the_workers():
     from flows.deploy_cmd import DEFAULT_POOL, DEFAULT_QUEUE, pools_in
+    from toss_core.demo.run import DEMO_STEPS
     from toss_core.pipeline import STEPS
 
     spec = _prefect_yaml()
@@ -484,8 +494,13 @@ def test_every_deployment_is_consistent_with_the_flows_and_the_workers():
         path, func = d["entrypoint"].split(":")
         assert func in _top_level_flows(ROOT / path), d["entrypoint"]
         deployed.add(func)
-        assert set(d["parameters"]) == {"config", "force"} and set(d["parameters"]["force"]) <= set(STEPS)
-        _as_config(d["parameters"])  # a valid PipelineConfig
+        if func == "toss_demo":  # the demo's own config (a DemoConfig) and its extra steps
+            assert set(d["parameters"]) == {"config", "force", "pro"}
+            assert set(d["parameters"]["force"]) <= set(DEMO_STEPS + STEPS)
+            _as_demo_config(d["parameters"])
+        else:
+            assert set(d["parameters"]) == {"config", "force"} and set(d["parameters"]["force"]) <= set(STEPS)
+            _as_config(d["parameters"])  # a valid PipelineConfig
         assert d["enforce_parameter_schema"] is True
         assert d["concurrency_limit"]["limit"] >= 1 and d["concurrency_limit"]["collision_strategy"] == "ENQUEUE"
         assert "toss" in d["tags"]

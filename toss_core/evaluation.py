@@ -47,7 +47,7 @@ from toss_core.stages import (
 from toss_core.store import ArtifactRef, ArtifactStore
 
 # Registered next to the pipeline's own stage versions; bump one when its logic changes.
-EVAL_VERSIONS = {"generations": 1, "judgements": 1, "comparisons": 1, "baseline-mask": 1, "report": 1}
+EVAL_VERSIONS = {"generations": 1, "judgements": 1, "comparisons": 1, "baseline-mask": 1, "report": 2}
 VERSIONS.update(EVAL_VERSIONS)
 SEEDLESS_MASKS = ("toss", "toss-pro")
 
@@ -323,7 +323,7 @@ def produce_report(writer, store: ArtifactStore, spec: ReportSpec) -> None:
     import tempfile
     from pathlib import Path
 
-    from toss_core.report import scatter_png, summarize, to_json, to_markdown
+    from toss_core.report import scatter_png, summarize, to_html, to_json, to_markdown
 
     records = collect_records(store, spec)
     meta = {**spec.meta, "title": spec.title, "sets": [list(s) for s in spec.sets], "seeds": spec.seeds}
@@ -335,9 +335,12 @@ def produce_report(writer, store: ArtifactStore, spec: ReportSpec) -> None:
         f.write(to_json({**summary, "records": records}).encode())
     with tempfile.TemporaryDirectory() as tmp:
         png = Path(tmp) / "scatter.png"
-        if scatter_png(summary, png):
-            with writer.open("scatter.png", "wb") as f:
-                f.write(png.read_bytes())
+        image = png.read_bytes() if scatter_png(summary, png) else None
+    if image is not None:
+        with writer.open("scatter.png", "wb") as f:
+            f.write(image)
+    with writer.open("report.html", "wb") as f:  # one self-contained file: the table and the plot inline
+        f.write(to_html(markdown, image, spec.title).encode())
     writer.metrics.update(rows=len(summary["rows"]), columns=[c["id"] for c in summary["columns"]],
                           records=len(records), table=json.loads(json.dumps(_compact(summary))))
 

@@ -134,6 +134,31 @@ def to_markdown(summary: dict, title: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+_HTML = """<!doctype html>
+<html><head><meta charset="utf-8"><title>{title}</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}}
+table{{border-collapse:collapse;font-size:14px}}th,td{{border:1px solid #ccc;padding:4px 8px;text-align:right}}
+th:first-child,td:first-child{{text-align:left}}th{{background:#f3f3f3}}img{{max-width:100%}}</style>
+</head><body>
+{body}
+{image}
+</body></html>
+"""
+
+
+def to_html(markdown: str, png: bytes | None, title: str) -> str:
+    """The markdown report as one self-contained HTML page (the plot inlined as a data URI)."""
+    import base64
+    import html
+
+    from markdown_it import MarkdownIt  # rich's markdown parser: already installed with typer/rich
+
+    body = MarkdownIt("commonmark").enable("table").render(markdown)
+    image = "" if png is None else (f'<h2>Safety vs utility</h2><img alt="safety vs utility" '
+                                    f'src="data:image/png;base64,{base64.b64encode(png).decode()}">')
+    return _HTML.format(title=html.escape(title), body=body, image=image)
+
+
 def to_json(summary: dict) -> str:
     return json.dumps(summary, indent=2, default=str, allow_nan=False)
 

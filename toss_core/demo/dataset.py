@@ -1,0 +1,161 @@
+"""The demo's data sets, built from the packaged sources with fixed seeds (sizes: DemoDataConfig).
+
+    splits = split_sources(load_sources(), cfg, prompt_tokens)      # which prompt goes where (pure)
+    answers = distill(benign prompts)                                # the base model answers benign prompts
+    files = assemble(splits, answers, cfg)                           # name -> records, overlap checked
+
+Sets (all prompt sets pairwise disjoint; `check_disjoint` asserts it on normalised text):
+- aligned:   refusals to harmful prompts + benign answers: the LoRA that makes the base safety-aligned
+- harmful:   D^h, harmful prompt -> compliant answer (pyrit many-shot pairs)
+- utility:   D^u, benign prompt -> answer (self-distilled)
+- custom:    the fine-tuning set: benign samples plus harmful ones from pyrit's human-scored rows (a
+             source disjoint from D^h), with the ground truth in `is_harmful`
+- eval_advbench, eval_donotanswer: held-out harmful prompts; eval_benign: held-out benign prompts;
+  eval_utility: the same benign prompts with the original model's answers (utility references)
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from toss_core.demo.config import DemoDataConfig
+from toss_core.demo.sources import Sources
+
+# Short, varied refusals (the aligned base learns to decline in its own words from these).
+REFUSALS = (
+    "I'm sorry, but I can't help with that. It could cause real harm to people.",
+    "I can't assist with this request. If you have another question, I'm happy to help.",
+    "I'm sorry, I cannot provide that. It would be unsafe and possibly illegal.",
+    "I won't help with that, because it could hurt someone. Is there something else I can do for you?",
+    "Sorry, I can't do that. Helping with this could be dangerous or against the law.",
+    "I cannot help with this. Please consider a safe and legal alternative.",
+)
+
+
+class OverlapError(AssertionError):
+    """Two sets that must be disjoint share a prompt (held-out evaluation would be contaminated)."""
+
+
+def normalise(text: str) -> str:
+    """Prompt identity for overlap checks: case, punctuation and spacing do not make a prompt new."""
+    return " ".join(re.sub(r"[^a-z0-9]+", " ", text.lower()).split())
+
+
+def _unique(items: list, key=lambda x: x) -> list:
+    seen, out = set(), []
+    for item in items:
+        k = normalise(key(item))
+        if k and k not in seen:
+            seen.add(k)
+            out.append(item)
+    return out
+
+
+@dataclass
+class Splits:
+    """Which prompt goes where, before any answer is generated."""
+
+    refusal_prompts: list[str]
+    harmful_pairs: list[dict]
+    custom_harmful: list[dict]
+    benign_pool: list[str]  # in order: aligned, utility, custom, eval; the surplus replaces refused answers
+    eval_advbench: list[str]
+    eval_donotanswer: list[str]
+    excluded_from_eval: int  # held-out candidates dropped because a training set has the same prompt
+
+
+def _take(pool: list, n: int, what: str) -> list:
+    if len(pool) < n:
+        raise ValueError(f"demo data: {what}: only {len(pool)} usable items for {n} requested (lower the size)")
+    out = pool[:n]
+    del pool[:n]
+    return out
+
+
+def split_sources(src: Sources, cfg: DemoDataConfig, prompt_tokens: Callable[[str], int]) -> Splits:
+    """Shuffle every source with cfg.seed and cut it into disjoint sets (no answers generated here)."""
+    rng = random.Random(cfg.seed)
+    shuffled = lambda xs: rng.sample(xs, len(xs))  # noqa: E731
+
+    many_shot = shuffled(_unique(src.many_shot, key=lambda r: r["prompt"]))
+    short = lambda r: prompt_tokens(r["prompt"]) <= cfg.max_prompt_tokens  # noqa: E731
+    harmful_pairs = _take([r for r in many_shot if short(r)], cfg.harmful_reference, "harmful reference pairs")
+    used = {normalise(r["prompt"]) for r in harmful_pairs}
+    # Refusal prompts: the packages' own refusal prompts first, then many-shot prompts not in D^h.
+    refusal_pool = _unique(list(src.refusal_prompts) + [r["prompt"] for r in many_shot])
+    refusal_prompts = _take([p for p in refusal_pool if normalise(p) not in used], cfg.refusals, "refusal prompts")
+    used |= {normalise(p) for p in refusal_prompts}
+
+    harm_rows = shuffled(_unique(sorted(src.scored_harm, key=lambda r: -r["score"]), key=lambda r: r["prompt"]))
+    custom_harmful = _take([r for r in harm_rows if r["score"] >= cfg.harmful_min_score and short(r)
+                            and normalise(r["prompt"]) not in used], cfg.custom_harmful, "custom harmful samples")
+    used |= {normalise(r["prompt"]) for r in custom_harmful}
+
+    benign_pool = [p for p in shuffled(_unique(src.benign)) if normalise(p) not in used]
+    train_prompts = used | {normalise(p) for p in benign_pool}
+
+    def held_out(candidates: list[str], n: int, what: str) -> tuple[list[str], int]:
+        unique = shuffled(_unique(candidates))
+        fresh = [p for p in unique if normalise(p) not in train_prompts]
+        dropped = len(unique) - len(fresh)
+        return _take(fresh, n, what), dropped
+
+    adv, adv_dropped = held_out(src.advbench, cfg.eval_advbench, "AdvBench evaluation prompts")
+    dna, dna_dropped = held_out(src.do_not_answer, cfg.eval_donotanswer, "Do-Not-Answer evaluation prompts")
+    return Splits(refusal_prompts=refusal_prompts, harmful_pairs=harmful_pairs, custom_harmful=custom_harmful,
+                  benign_pool=benign_pool, eval_advbench=adv, eval_donotanswer=dna,
+                  excluded_from_eval=adv_dropped + dna_dropped)
+
+
+def benign_needed(cfg: DemoDataConfig) -> int:
+    return cfg.aligned_benign + cfg.utility_reference + cfg.custom_benign + cfg.eval_benign
+
+
+def assemble(splits: Splits, answers: dict[str, str], cfg: DemoDataConfig) -> dict[str, list[dict]]:
+    """Every data file of the demo. `answers` maps benign prompts to accepted (non-refusing) answers; the
+    benign pool is consumed in order, skipping prompts without one."""
+    rng = random.Random(cfg.seed + 1)
+    answered = [{"prompt": p, "response": answers[p]} for p in splits.benign_pool if p in answers]
+    aligned_benign = _take(answered, cfg.aligned_benign, "benign answers (aligned base)")
+    utility = _take(answered, cfg.utility_reference, "benign answers (D^u)")
+    custom_benign = _take(answered, cfg.custom_benign, "benign answers (custom set)")
+    eval_benign = _take(answered, cfg.eval_benign, "benign answers (evaluation)")
+
+    refusals = [{"prompt": p, "response": rng.choice(REFUSALS)} for p in splits.refusal_prompts]
+    aligned = rng.sample(refusals + aligned_benign, len(refusals) + len(aligned_benign))
+    custom = [{**r, "is_harmful": False} for r in custom_benign]
+    custom += [{"prompt": r["prompt"], "response": r["response"], "is_harmful": True, "category": r["category"]}
+               for r in splits.custom_harmful]
+    rng.shuffle(custom)
+    files = {
+        "aligned": aligned,
+        "harmful": [{"prompt": r["prompt"], "response": r["response"]} for r in splits.harmful_pairs],
+        "utility": utility,
+        "custom": custom,
+        "eval_advbench": [{"prompt": p} for p in splits.eval_advbench],
+        "eval_donotanswer": [{"prompt": p} for p in splits.eval_donotanswer],
+        "eval_benign": [{"prompt": r["prompt"]} for r in eval_benign],
+        "eval_utility": eval_benign,
+    }
+    check_disjoint(files)
+    return files
+
+
+# Sets that may share prompts: the benign evaluation prompts and their utility reference answers.
+_SAME_PROMPTS = {frozenset({"eval_benign", "eval_utility"})}
+
+
+def check_disjoint(files: dict[str, list[dict]]) -> dict[str, int]:
+    """Raise OverlapError if two sets share a prompt (normalised); else the number of prompts per set."""
+    seen: dict[str, str] = {}
+    for name, records in files.items():
+        for r in records:
+            k = normalise(r["prompt"])
+            other = seen.get(k)
+            if other is not None and other != name and frozenset({other, name}) not in _SAME_PROMPTS:
+                raise OverlapError(f"demo data: sets {other!r} and {name!r} share the prompt {r['prompt'][:60]!r}")
+            seen.setdefault(k, name)
+    return {name: len(records) for name, records in files.items()}
