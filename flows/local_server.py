@@ -57,10 +57,14 @@ def prefect_api(log_dir: Path, start_timeout: float = 120) -> Iterator[tuple[str
     proc = subprocess.Popen(
         [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        preexec_fn=_die_with_parent if sys.platform == "linux" and _main_thread() else None,
     )
     # SIGTERM (a scheduler, `kill PID`) would end Python without running `finally` and orphan the server:
-    # turn it into SystemExit so the server is stopped on every exit path.
-    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if _main_thread() else None
+    # stop it from the handler. During a flow run Prefect's own handler is active instead; it raises
+    # TerminationSignal, which reaches the `except` below.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: _stop_and_exit(proc, signum)) \
+        if _main_thread() else None
+    interrupted = False
     try:
         deadline = time.monotonic() + start_timeout
         while not healthy(url):
@@ -69,6 +73,9 @@ def prefect_api(log_dir: Path, start_timeout: float = 120) -> Iterator[tuple[str
             time.sleep(0.3)
         with _env("PREFECT_API_URL", url):
             yield url, True
+    except BaseException as e:
+        interrupted = not isinstance(e, Exception)  # SIGTERM, Ctrl-C, Prefect's TerminationSignal
+        raise
     finally:
         _drain_prefect_clients()
         proc.terminate()  # by its own pid, never by name
@@ -79,6 +86,16 @@ def prefect_api(log_dir: Path, start_timeout: float = 120) -> Iterator[tuple[str
         log.close()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        if interrupted:
+            _stop_and_exit(proc, signal.SIGTERM)
+
+
+def _die_with_parent() -> None:
+    """In the server's process, before it starts: the kernel sends it SIGTERM when the command that started it
+    dies, however it dies (SIGKILL included; Prefect's flow engine defers SIGTERM until a running stage ends)."""
+    import ctypes
+
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 def _main_thread() -> bool:
@@ -87,8 +104,15 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _exit_on_sigterm(signum, frame) -> None:
-    raise SystemExit(128 + signum)
+def _stop_and_exit(proc: subprocess.Popen, signum: int) -> None:
+    """Stop the server and leave now. Stage tasks run in worker threads that the interpreter would wait for
+    at exit (a training could go on for an hour after `kill`); an unfinished artifact is never published,
+    so leaving mid-stage loses nothing but that stage's progress since its last checkpoint."""
+    if proc.poll() is None:
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=20)
+    os._exit(128 + signum)
 
 
 def _drain_prefect_clients(timeout: float = 15) -> None:

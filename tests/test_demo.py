@@ -100,7 +100,8 @@ def test_demo_stages_on_a_tiny_model(tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.setattr("toss_core.demo.sources.load_sources", lambda: fake_sources())
     tiny_train = {"lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}, "lr": 3e-3, "epochs": 1,
                   "batch_size": 8, "micro_batch_size": 8}
-    cfg = DemoConfig(source=str(tiny_model_dir), max_len=48, data=DemoDataConfig(**SIZES), aligned=tiny_train,
+    cfg = DemoConfig(source=str(tiny_model_dir), max_len=64, data=DemoDataConfig(**{**SIZES, "max_prompt_tokens": 40}),
+                     aligned=tiny_train,
                      pipeline={"reference": tiny_train, "finetune": tiny_train, "pro": {"rounds": 1, "mode": "samples",
                                "samples_k": 2}, "eval": {"enabled": True, "methods": ["standard", "toss", "oracle"],
                                "generation": {"decoding": "greedy", "max_new_tokens": 4}}},
