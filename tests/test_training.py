@@ -163,3 +163,34 @@ def test_deepspeed_zero2_lora_run_matches_the_plain_loop(tiny_model_dir, tmp_pat
     # a plain run still works in the same process afterwards
     again = train_lora(tiny_model_dir, data, _cfg(epochs=1), tmp_path / "plain2", progress=False)
     assert again["engine"] == "accelerate" and again["history"][-1]["loss"] == plain["history"][-1]["loss"]
+
+
+def test_label_positions_only_loss_matches_full_logits(tiny_model_dir):
+    """The training loss takes logits only where labels are: same losses and gradients as full logits."""
+    from toss_core.config import LoraConfig
+    from toss_core.models import attach_lora, load_model
+    from toss_core.training import label_nll
+
+    batch = collate(examples(4, seed=3), pad_id=0)
+    batch["labels"][1, :] = False  # a sample with nothing to learn
+    batch["labels"][2, 0] = True  # a label on the first position counts as 0, as in per_token_nll
+    results = []
+    for fast in (True, False):
+        torch.manual_seed(0)
+        model = attach_lora(load_model(tiny_model_dir), LoraConfig(r=4, alpha=8), seed=0).train()
+        if fast:
+            nll = label_nll(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        else:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            nll = per_token_nll(logits, batch["input_ids"]) * batch["labels"]
+            nll[:, 0] = 0
+        loss = masked_loss(nll, batch["labels"], "token", int(batch["labels"].sum()), 3)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((nll.detach(), grads))
+    (fast_nll, fast_grads), (full_nll, full_grads) = results
+    assert fast_nll.shape == full_nll.shape and float(fast_nll[1].abs().sum()) == 0.0
+    assert torch.allclose(fast_nll, full_nll, atol=1e-5)
+    assert fast_grads.keys() == full_grads.keys() and len(fast_grads) > 0
+    for name in fast_grads:
+        assert torch.allclose(fast_grads[name], full_grads[name], atol=1e-6), name

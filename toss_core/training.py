@@ -99,6 +99,29 @@ def per_token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor
     return torch.nn.functional.pad(nll, (1, 0))
 
 
+def label_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+              single_process: bool = True) -> torch.Tensor:
+    """(B, T) float32 losses at label positions, 0 elsewhere.
+
+    The output layer and log-softmax run only where a label is (a 49k-vocabulary head over every prompt
+    and padding position is ~20% of a small model's compute, and B x T x V floats of memory). Models wrapped
+    for several processes (DDP, DeepSpeed) go through their own forward: their hooks need it."""
+    if not single_process or hasattr(model, "module"):
+        return per_token_nll(model(input_ids=input_ids, attention_mask=attention_mask).logits, input_ids)
+    from toss_core.scoring import _decoder_and_head
+
+    body, head = _decoder_and_head(model)
+    hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    targets = labels.clone()
+    targets[:, 0] = False  # nothing predicts the first token (per_token_nll gives it 0 too)
+    pred_pos = torch.zeros_like(targets)
+    pred_pos[:, :-1] = targets[:, 1:]  # position t is predicted from the hidden state at t-1
+    logits = head(hidden[pred_pos]).float()
+    nll = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
+    nll[targets] = torch.nn.functional.cross_entropy(logits, input_ids[targets], reduction="none")
+    return nll
+
+
 def masked_loss(nll: torch.Tensor, labels: torch.Tensor, norm: str, step_tokens: int, step_samples: int) -> torch.Tensor:
     """This micro-batch's share of the step loss (sums to the step mean over all micro-batches).
 
@@ -181,14 +204,16 @@ def train_lora(
         step_tokens = int(sum(e.labels.sum() for e in batch))
         step_samples = sum(1 for e in batch if e.labels.any())
         mine = batch[engine.rank :: engine.world_size]  # data parallel: each process its slice
+        # Similar lengths share a micro-batch (less padding); the step's loss is a sum, so order is neutral.
+        mine = sorted(mine, key=lambda e: len(e.input_ids))
         micro = [mine[i : i + cfg.micro_batch_size] for i in range(0, len(mine), cfg.micro_batch_size)]
         step_loss = 0.0
         for k, mb in enumerate(micro):
             b = {name: t.to(engine.device) for name, t in collate(mb, pad_id).items()}
             with engine.accumulating(last=k == len(micro) - 1), autocast:
-                logits = engine.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-                loss = masked_loss(per_token_nll(logits, b["input_ids"]), b["labels"], cfg.loss_norm,
-                                   step_tokens, step_samples)
+                nll = label_nll(engine.model, b["input_ids"], b["attention_mask"], b["labels"],
+                                single_process=engine.world_size == 1)
+                loss = masked_loss(nll, b["labels"], cfg.loss_norm, step_tokens, step_samples)
             engine.backward(loss)
             step_loss += loss.item()
         engine.step(cfg.grad_clip)
