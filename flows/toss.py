@@ -98,7 +98,8 @@ def _toss(config: PipelineConfig, force: list[str], pro: bool) -> dict:
 
     chosen: list[int] = []
     for r in range(1, cfg.pro.rounds + 1 if pro else 1):
-        done = pro_round.with_options(flow_run_name=f"round-{r}")(cfg, force, r, model, tok, utility_scores, mask, chosen)
+        done = pro_round.with_options(flow_run_name=f"round-{r}", task_runner=ThreadPoolTaskRunner(
+            max_workers=cfg.orchestration.max_workers))(cfg, force, r, model, tok, utility_scores, mask, chosen)
         mask, chosen = ArtifactRef.model_validate(done["mask"]), done["chosen"]
         run.rows += done["stages"]
 

@@ -50,7 +50,7 @@ def load_source(source: str | Path, dtype: str = "float32"):
     """(model, tokenizer) from a .gguf file or an HF folder, without the GGUF quantizer marker."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from toss_core.models import DTYPES
+    from toss_core.models import DTYPES, LOAD_LOCK
 
     path = Path(source)
     if path.is_file() and path.suffix == ".gguf":
@@ -61,7 +61,8 @@ def load_source(source: str | Path, dtype: str = "float32"):
     else:
         raise ModelImportError(f"{path}: expected a .gguf file or a Hugging Face model folder (with config.json)")
     tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, **kw)
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=DTYPES[dtype], local_files_only=True, **kw)
+    with LOAD_LOCK:
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=DTYPES[dtype], local_files_only=True, **kw)
     # The marker that makes transformers refuse training, and the config entry that would bring it back on load.
     model.hf_quantizer = None
     model.is_quantized = False

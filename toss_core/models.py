@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import threading
 from pathlib import Path
 
 import torch
@@ -87,6 +88,12 @@ def load_tokenizer(path: str | Path):
     return tok
 
 
+# transformers builds models under a process-wide "meta device" context while loading: two threads loading at
+# once (stages in a Prefect thread pool) can see each other's half-built models ("Cannot copy out of meta
+# tensor"). Loading takes seconds, so one lock for every load costs nothing worth measuring.
+LOAD_LOCK = threading.RLock()
+
+
 def load_model(path: str | Path, dtype: str = "float32", device: str | torch.device = "cpu"):
     """A causal LM from a local folder, in eval mode."""
     from transformers import AutoModelForCausalLM
@@ -97,8 +104,9 @@ def load_model(path: str | Path, dtype: str = "float32", device: str | torch.dev
             f"{path}: no config.json. model.path must be a local Hugging Face model folder; download the model "
             "once (e.g. `huggingface-cli download NAME --local-dir DIR`) and point model.path at DIR."
         )
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype], local_files_only=True)
-    return model.to(device).eval()
+    with LOAD_LOCK:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype], local_files_only=True)
+        return model.to(device).eval()
 
 
 def attach_lora(model, cfg: LoraConfig, seed: int | None = None):
@@ -129,7 +137,8 @@ def load_with_adapter(base_path: str | Path, adapter_dir: str | Path | None, dty
         return model
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(model, str(adapter_dir)).to(device).eval()
+    with LOAD_LOCK:
+        return PeftModel.from_pretrained(model, str(adapter_dir)).to(device).eval()
 
 
 def model_fingerprint(path: str | Path) -> str:
