@@ -1,8 +1,8 @@
 """The demo flow (`toss demo`, `make run`): a real model made safety-aligned, then TOSS and TOSS-Pro
 against standard SFT on data with hidden harmful samples, evaluated side by side.
 
-    import model (GGUF -> HF)  ->  demo data (packages, self-distilled answers)
-    -> aligned base (tokenize, LoRA on refusals + benign, merge)
+    import model (GGUF -> HF)  ->  demo data (packages; the original model's answers)
+    -> aligned base (tokenize, LoRA on refusals + benign, merge)  ->  demo sets (the aligned base's answers)
     -> toss-pro subflow on the aligned base (references, scores, masks, fine-tunes, evaluation)
 
 The same stages as `toss_core.demo.run.run_demo` (plain Python), each a cached task: a rerun reuses all.
@@ -40,11 +40,12 @@ def toss_demo(config: DemoConfig, force: list[str] = [], pro: bool = True) -> di
     adapter = run.result(run.submit(t.train, "train aligned", "aligned", role="aligned", model=model,
                                     sources=[TrainSource(tokens=tokens)], cfg=config.aligned))
     aligned = run.result(run.submit(td.merge, "merge aligned", "aligned", model=model, adapter=adapter))
+    sets = run.result(run.submit(td.demo_sets, "demo sets", "data", data=data, aligned=aligned, cfg=config.data))
 
-    cfg = pipeline_for(config, store, aligned, data)
+    cfg = pipeline_for(config, store, aligned, sets)
     flow_ = (toss_pro if pro else toss_pipeline).with_options(
         flow_run_name="toss-pro" if pro else "toss",
         task_runner=ThreadPoolTaskRunner(max_workers=cfg.orchestration.max_workers))
     out = flow_(cfg, [f for f in force if f in STEPS])
     get_run_logger().info("aligned base %s | report %s", aligned.uri, out.get("report", {}).get("uri"))
-    return {**out, "aligned": aligned.model_dump(), "data": data.model_dump(), "stages": run.rows + out["stages"]}
+    return {**out, "aligned": aligned.model_dump(), "data": sets.model_dump(), "stages": run.rows + out["stages"]}

@@ -12,6 +12,8 @@ from toss_core.demo.sources import load_sources
 from toss_core.demo.stages import (
     demo_data_plan,
     demo_data_stage,
+    demo_sets_plan,
+    demo_sets_stage,
     import_model_stage,
     import_plan,
     merge_plan,
@@ -35,6 +37,13 @@ def demo_data(store: StoreConfig, model: ArtifactRef, cfg: DemoDataConfig, max_l
               force: bool = False) -> StageOutcome:
     """The demo's data files from the installed packages (benign answers self-distilled by the model)."""
     return demo_data_stage(open_store(store), model, cfg, max_len, force=force)
+
+
+@task(name="demo-sets", cache_policy=ArtifactKeyPolicy(plan=lambda i: demo_sets_plan(i["data"], i["aligned"])), **_TASK)
+def demo_sets(store: StoreConfig, data: ArtifactRef, aligned: ArtifactRef, cfg: DemoDataConfig,
+              force: bool = False) -> StageOutcome:
+    """Every data file of the demo: D^u and the custom set's benign answers come from the aligned base."""
+    return demo_sets_stage(open_store(store), data, aligned, cfg, force=force)
 
 
 @task(name="merge", cache_policy=ArtifactKeyPolicy(plan=lambda i: merge_plan(i["model"], i["adapter"])), **_TASK)

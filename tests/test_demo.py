@@ -10,7 +10,7 @@ import pytest
 
 from toss_core.config import ConfigError
 from toss_core.demo.config import DemoConfig, DemoDataConfig, load_demo_config
-from toss_core.demo.dataset import OverlapError, assemble, benign_needed, check_disjoint, normalise, split_sources
+from toss_core.demo.dataset import OverlapError, assemble, check_disjoint, normalise, plan_demo, split_sources, task_needed
 from toss_core.demo.sources import Sources
 
 SIZES = dict(refusals=6, aligned_benign=5, harmful_reference=8, utility_reference=5, custom_benign=10,
@@ -46,11 +46,15 @@ def test_splits_are_disjoint_sized_and_deterministic():
     norm = [normalise(p) for p in a.refusal_prompts] + [normalise(r["prompt"]) for r in a.harmful_pairs]
     assert len(norm) == len(set(norm))
     answers = {p: f"Answer to {p}" for p in a.benign_pool}
-    files = assemble(a, answers, cfg)
+    plan = plan_demo(a, answers, cfg)
+    assert plan.eval_benign == a.benign_pool[:3] and len(plan.aligned_benign) == 5
+    files = assemble(plan, {p: f"Aligned answer to {p}" for p in plan.task_pool}, cfg)
     counts = check_disjoint(files)
     assert counts["custom"] == 13 and sum(r["is_harmful"] for r in files["custom"]) == 3
     assert counts["aligned"] == 11 and counts["eval_benign"] == counts["eval_utility"] == 3
-    assert benign_needed(cfg) == 5 + 5 + 10 + 3
+    assert all(r["response"].startswith("Aligned") for r in files["utility"] + files["custom"] if not r.get("is_harmful"))
+    assert all(r["response"].startswith("Answer") for r in files["eval_utility"])  # the original model's
+    assert task_needed(cfg) == 5 + 10
 
 
 def test_eval_prompts_seen_in_training_are_excluded():
@@ -69,13 +73,17 @@ def test_overlap_check_names_both_sets():
         check_disjoint({"custom": [{"prompt": "Do X."}], "eval_advbench": [{"prompt": "do x"}]})
 
 
-def test_refused_answers_are_replaced_from_the_pool():
+def test_refused_answers_are_replaced_from_the_pool_but_not_in_the_over_refusal_set():
     cfg = DemoDataConfig(**SIZES)
     splits = split_sources(fake_sources(), cfg, words)
-    answers = {p: "ok" for p in splits.benign_pool[1:]}  # the first prompt got no acceptable answer
-    files = assemble(splits, answers, cfg)
-    used = {r["prompt"] for name in ("aligned", "utility", "custom", "eval_utility") for r in files[name]}
-    assert splits.benign_pool[0] not in used and splits.benign_pool[benign_needed(cfg)] in used
+    refused = {splits.benign_pool[0], splits.benign_pool[3]}  # a held-out prompt and an aligned-set prompt
+    plan = plan_demo(splits, {p: "ok" for p in splits.benign_pool if p not in refused}, cfg)
+    assert splits.benign_pool[0] in plan.eval_benign and len(plan.eval_utility) == 2  # over-refusal: unfiltered
+    assert [r["prompt"] for r in plan.aligned_benign] == splits.benign_pool[4:9]
+    task = {p: "ok" for p in plan.task_pool[1:]}  # the aligned base refused the first task prompt
+    files = assemble(plan, task, cfg)
+    used = {r["prompt"] for name in ("utility", "custom") for r in files[name]}
+    assert plan.task_pool[0] not in used and plan.task_pool[task_needed(cfg)] in used
 
 
 def test_demo_config_checks_the_pipeline_part_early():
@@ -109,9 +117,9 @@ def test_demo_stages_on_a_tiny_model(tmp_path, tiny_model_dir, monkeypatch):
     store = ArtifactStore(cfg.store.url)
     first = run_demo(cfg, store, progress=False)
     names = [n for n, _ in first.steps]
-    assert names[:5] == ["import model", "demo data", "prepare aligned", "train aligned", "merge aligned"]
-    assert all(not o.reused for _, o in first.steps[:5])
-    data_dir = store.local_dir(first.steps[1][1].ref)
+    assert names[:6] == ["import model", "demo data", "prepare aligned", "train aligned", "merge aligned", "demo sets"]
+    assert all(not o.reused for _, o in first.steps[:6])
+    data_dir = store.local_dir(first.steps[5][1].ref)
     custom = [json.loads(line) for line in (data_dir / "custom.jsonl").read_text().splitlines()]
     assert len(custom) == 13 and sum(r["is_harmful"] for r in custom) == 3
     report = json.loads(store.open(first.final["report"].ref, "results.json").read())

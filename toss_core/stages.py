@@ -34,7 +34,7 @@ from toss_core.store import ArtifactRef, ArtifactStore, artifact_key
 
 # The demo's stages (toss_core/demo/stages.py) are versioned here too: one table of every stage.
 VERSIONS = {"model": 1, "tokens": 1, "train": 1, "scores": 1, "mask": 1,
-            "model-import": 1, "demo-data": 1, "merged-model": 1}
+            "model-import": 1, "demo-data": 2, "demo-sets": 1, "merged-model": 1}
 EXTERNAL_MODEL = "external-model"
 
 

@@ -1,17 +1,17 @@
 """The demo's data sets, built from the packaged sources with fixed seeds (sizes: DemoDataConfig).
 
-    splits = split_sources(load_sources(), cfg, prompt_tokens)      # which prompt goes where (pure)
-    answers = distill(benign prompts)                                # the base model answers benign prompts
-    files = assemble(splits, answers, cfg)                           # name -> records, overlap checked
+    splits = split_sources(load_sources(), cfg, prompt_tokens)   # which prompt goes where (pure)
+    plan = plan_demo(splits, original_model_answers, cfg)         # phase 1: before the aligned base exists
+    files = assemble(plan, aligned_base_answers, cfg)             # phase 2: name -> records, overlap checked
 
 Sets (all prompt sets pairwise disjoint; `check_disjoint` asserts it on normalised text):
 - aligned:   refusals to harmful prompts + benign answers: the LoRA that makes the base safety-aligned
 - harmful:   D^h, harmful prompt -> compliant answer (pyrit many-shot pairs)
-- utility:   D^u, benign prompt -> answer (self-distilled)
+- utility:   D^u, benign prompt -> answer (by the aligned base: self-distillation keeps its behaviour)
 - custom:    the fine-tuning set: benign samples plus harmful ones from pyrit's human-scored rows (a
              source disjoint from D^h), with the ground truth in `is_harmful`
 - eval_advbench, eval_donotanswer: held-out harmful prompts; eval_benign: held-out benign prompts;
-  eval_utility: the same benign prompts with the original model's answers (utility references)
+  eval_utility: the same benign prompts with the original model's answers (helpfulness references)
 """
 
 from __future__ import annotations
@@ -110,35 +110,79 @@ def split_sources(src: Sources, cfg: DemoDataConfig, prompt_tokens: Callable[[st
                   excluded_from_eval=adv_dropped + dna_dropped)
 
 
-def benign_needed(cfg: DemoDataConfig) -> int:
-    return cfg.aligned_benign + cfg.utility_reference + cfg.custom_benign + cfg.eval_benign
+@dataclass
+class DemoPlan:
+    """Everything decided before the aligned base exists (JSON-serialisable: the `demo-data` artifact)."""
+
+    refusal_prompts: list[str]
+    harmful_pairs: list[dict]
+    custom_harmful: list[dict]
+    eval_advbench: list[str]
+    eval_donotanswer: list[str]
+    eval_benign: list[str]  # taken before any answer is judged: over-refusal is measured on unfiltered prompts
+    eval_utility: list[dict]  # the ORIGINAL model's answers to them: helpfulness references
+    aligned_benign: list[dict]  # the original model's answers that teach the aligned base to stay helpful
+    task_pool: list[str]  # benign prompts left for D^u and the custom set (answered by the aligned base)
+    excluded_from_eval: int
 
 
-def assemble(splits: Splits, answers: dict[str, str], cfg: DemoDataConfig) -> dict[str, list[dict]]:
-    """Every data file of the demo. `answers` maps benign prompts to accepted (non-refusing) answers; the
-    benign pool is consumed in order, skipping prompts without one."""
+def original_prompts(splits: Splits, cfg: DemoDataConfig) -> tuple[list[str], list[str]]:
+    """(held-out benign prompts, the rest of the pool): the original model answers the first, then the rest in
+    order until `aligned_benign` answers are accepted."""
+    return splits.benign_pool[: cfg.eval_benign], splits.benign_pool[cfg.eval_benign:]
+
+
+def plan_demo(splits: Splits, answers: dict[str, str], cfg: DemoDataConfig) -> DemoPlan:
+    """Phase 1 (the original model's answers are known). `answers` holds accepted (non-refusing, non-empty)
+    answers; prompts without one are skipped."""
+    held_out, rest = original_prompts(splits, cfg)
+    if len(held_out) < cfg.eval_benign:
+        raise ValueError(f"demo data: benign evaluation prompts: only {len(held_out)} for {cfg.eval_benign}")
+    accepted = [i for i, p in enumerate(rest) if p in answers][: cfg.aligned_benign]
+    if len(accepted) < cfg.aligned_benign:
+        raise ValueError(f"demo data: benign answers (aligned base): only {len(accepted)} usable items for "
+                         f"{cfg.aligned_benign} requested (lower the size)")
+    cut = accepted[-1] + 1 if accepted else 0
+    return DemoPlan(refusal_prompts=splits.refusal_prompts, harmful_pairs=splits.harmful_pairs,
+                    custom_harmful=splits.custom_harmful, eval_advbench=splits.eval_advbench,
+                    eval_donotanswer=splits.eval_donotanswer, eval_benign=held_out,
+                    eval_utility=[{"prompt": p, "response": answers[p]} for p in held_out if p in answers],
+                    aligned_benign=[{"prompt": rest[i], "response": answers[rest[i]]} for i in accepted],
+                    task_pool=rest[cut:], excluded_from_eval=splits.excluded_from_eval)
+
+
+def aligned_records(plan: DemoPlan, cfg: DemoDataConfig) -> list[dict]:
+    """The aligned base's training set: refusals to harmful prompts and benign answers, shuffled."""
     rng = random.Random(cfg.seed + 1)
-    answered = [{"prompt": p, "response": answers[p]} for p in splits.benign_pool if p in answers]
-    aligned_benign = _take(answered, cfg.aligned_benign, "benign answers (aligned base)")
+    refusals = [{"prompt": p, "response": rng.choice(REFUSALS)} for p in plan.refusal_prompts]
+    return rng.sample(refusals + plan.aligned_benign, len(refusals) + len(plan.aligned_benign))
+
+
+def task_needed(cfg: DemoDataConfig) -> int:
+    return cfg.utility_reference + cfg.custom_benign
+
+
+def assemble(plan: DemoPlan, answers: dict[str, str], cfg: DemoDataConfig) -> dict[str, list[dict]]:
+    """Phase 2: every data file. `answers` are the ALIGNED base's accepted answers to the task pool (so
+    fine-tuning on benign data alone keeps the base's behaviour, and the harmful samples are what erode it);
+    the pool is consumed in order, skipping prompts without one."""
+    rng = random.Random(cfg.seed + 2)
+    answered = [{"prompt": p, "response": answers[p]} for p in plan.task_pool if p in answers]
     utility = _take(answered, cfg.utility_reference, "benign answers (D^u)")
     custom_benign = _take(answered, cfg.custom_benign, "benign answers (custom set)")
-    eval_benign = _take(answered, cfg.eval_benign, "benign answers (evaluation)")
-
-    refusals = [{"prompt": p, "response": rng.choice(REFUSALS)} for p in splits.refusal_prompts]
-    aligned = rng.sample(refusals + aligned_benign, len(refusals) + len(aligned_benign))
     custom = [{**r, "is_harmful": False} for r in custom_benign]
     custom += [{"prompt": r["prompt"], "response": r["response"], "is_harmful": True, "category": r["category"]}
-               for r in splits.custom_harmful]
+               for r in plan.custom_harmful]
     rng.shuffle(custom)
     files = {
-        "aligned": aligned,
-        "harmful": [{"prompt": r["prompt"], "response": r["response"]} for r in splits.harmful_pairs],
+        "aligned": aligned_records(plan, cfg),
+        "harmful": [{"prompt": r["prompt"], "response": r["response"]} for r in plan.harmful_pairs],
         "utility": utility,
         "custom": custom,
-        "eval_advbench": [{"prompt": p} for p in splits.eval_advbench],
-        "eval_donotanswer": [{"prompt": p} for p in splits.eval_donotanswer],
-        "eval_benign": [{"prompt": r["prompt"]} for r in eval_benign],
-        "eval_utility": eval_benign,
+        "eval_advbench": [{"prompt": p} for p in plan.eval_advbench],
+        "eval_donotanswer": [{"prompt": p} for p in plan.eval_donotanswer],
+        "eval_benign": [{"prompt": p} for p in plan.eval_benign],
+        "eval_utility": plan.eval_utility,
     }
     check_disjoint(files)
     return files

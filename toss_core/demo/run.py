@@ -32,8 +32,8 @@ def pipeline_for(cfg: DemoConfig, store: ArtifactStore, aligned: ArtifactRef, da
 
 def prepare_demo(cfg: DemoConfig, store: ArtifactStore, *, force: tuple[str, ...] = (), progress: bool = True,
                  step: Callable[[str, StageOutcome], StageOutcome] = lambda n, o: o) -> tuple[ArtifactRef, ArtifactRef]:
-    """Import, data, aligned base: returns (aligned base model, data) refs."""
-    from toss_core.demo.stages import aligned_base_stages, demo_data_stage, import_model_stage
+    """Import, data, aligned base, data sets: returns (aligned base model, data sets) refs."""
+    from toss_core.demo.stages import aligned_base_stages, demo_data_stage, demo_sets_stage, import_model_stage
 
     model = step("import model", import_model_stage(store, cfg.source, cfg.import_dtype, force="import" in force)).ref
     data = step("demo data", demo_data_stage(store, model, cfg.data, cfg.max_len, force="data" in force,
@@ -41,7 +41,9 @@ def prepare_demo(cfg: DemoConfig, store: ArtifactStore, *, force: tuple[str, ...
     outcomes = aligned_base_stages(store, model, data, cfg, force="aligned" in force, progress=progress)
     for name, outcome in outcomes:
         step(name, outcome)
-    return outcomes[-1][1].ref, data
+    aligned = outcomes[-1][1].ref
+    sets = step("demo sets", demo_sets_stage(store, data, aligned, cfg.data, force="data" in force, progress=progress))
+    return aligned, sets.ref
 
 
 def run_demo(cfg: DemoConfig, store: ArtifactStore | None = None, *, pro: bool = True, force: tuple[str, ...] = (),

