@@ -1,6 +1,6 @@
 """`toss demo` (what `make run` runs) and `toss import-model`.
 
-    toss demo                       # SmolLM2-135M on CPU: aligned base, standard SFT vs TOSS vs TOSS-Pro (~35 min)
+    toss demo                       # SmolLM2-135M on CPU: aligned base, standard SFT vs TOSS vs TOSS-Pro (~45 min)
     toss demo --quick               # the same comparison on the tiny random model and placeholder data (~2 min)
     toss demo --all                 # every baseline, 3 seeds
     toss import-model model.gguf --out models/smollm2

@@ -37,7 +37,7 @@ class DemoDataConfig(_Section):
                              "original model are the utility references)")
     max_prompt_tokens: int = Field(48, ge=4, description="drop harmful samples whose prompt is longer (tokens): "
                                    "long prompts would lose their whole answer to the length limit")
-    answer_tokens: int = Field(40, ge=4, le=1024, description="longest self-distilled benign answer (new tokens)")
+    answer_tokens: int = Field(40, ge=4, le=1024, description="longest generated benign answer (new tokens)")
     distill_batch_size: int = Field(32, ge=1, description="prompts per generate call when distilling")
 
 
