@@ -238,7 +238,7 @@ def test_report_files_and_the_report_command(comparison, tmp_path):
 
     cfg, store, result, _ = comparison
     listed = {f.path.split("/", 1)[1] for f in store.manifest("report", result.final["report"].ref.key).files}
-    assert listed == {"report.md", "results.json", "scatter.png"}
+    assert listed == {"report.md", "report.html", "results.json", "scatter.png"}
 
     app = typer.Typer()
     app.command()(report)
@@ -248,6 +248,8 @@ def test_report_files_and_the_report_command(comparison, tmp_path):
     for method in ["base", *ALL_METHODS]:
         assert f"| {method} |" in out.stdout
     assert (tmp_path / "r" / "scatter.png").read_bytes()[:4] == b"\x89PNG"
+    page = (tmp_path / "r" / "report.html").read_text()  # one self-contained page: the table and the plot inline
+    assert "<table>" in page and "data:image/png;base64," in page and "<td>toss</td>" in page
     as_json = CliRunner().invoke(app, ["report", result.final["report"].ref.uri, "--format", "json"])
     assert json.loads(as_json.stdout)["rows"][0]["method"] == "base"
     missing = CliRunner().invoke(app, ["report", str(tmp_path / "nothing")])
