@@ -382,7 +382,9 @@ def test_single_box_sqlite_run_fail_retry(stacks, s3):
     home, api = stack.home, stack.api
     with api_client(api) as client:
         deployments = {d.name: d for d in client.read_deployments()}
-        assert set(deployments) == {"toss-quick", "toss", "toss-pro"}
+        assert set(deployments) == {"toss-quick", "toss", "toss-pro", "toss-demo"}
+        # the demo's form is its own DemoConfig (model source, data sizes, aligned base, the pipeline on top)
+        assert deployments["toss-demo"].parameter_openapi_schema["properties"]["config"]["$ref"].endswith("/DemoConfig")
         quick = deployments["toss-quick"]
         assert (quick.work_pool_name, quick.work_queue_name) == ("gpu", "toss")
         assert quick.parameters["config"]["store"]["url"] == STORE
