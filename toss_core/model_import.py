@@ -5,7 +5,7 @@
 
 Why a conversion: transformers loads GGUF weights (dequantized to float) but refuses to train a model
 it marked as GGUF-quantized, and dequantizing on every load costs ~30 s. Saving once without the
-quantizer marker gives an ordinary folder with identical logits. The cached stage over this is
+quantizer marker gives an ordinary folder with the same weights, bit for bit. The cached stage over this is
 `import_model_stage` (keyed by the file's content digest and the dtype).
 """
 
