@@ -105,33 +105,46 @@ def run(
         print(f"report:        {final['report']}")
 
 
-def _run_plain(cfg, pro: bool, force: list[str]):
-    from toss_core.pipeline import run_pipeline
+def _print_stage(name, outcome) -> None:
+    status = "[dim]reused[/]" if outcome.reused else "[green]computed[/]"
+    console.print(f"  {name:<28} {status} {outcome.seconds:8.2f}s")
 
-    def on_stage(name, outcome):
-        status = "[dim]reused[/]" if outcome.reused else "[green]computed[/]"
-        console.print(f"  {name:<24} {status} {outcome.seconds:7.2f}s")
 
-    result = run_pipeline(cfg, pro=pro, force=tuple(force), on_stage=on_stage)
+def _plain_rows(result) -> tuple[list[dict], dict[str, str]]:
+    """(summary rows, final artifact URIs) of a plain-Python PipelineResult."""
     rows = [{"stage": n, "status": "reused" if o.reused else "computed", "seconds": round(o.seconds, 2),
              "artifact": o.ref.uri} for n, o in result.steps]
     return rows, {k: o.ref.uri for k, o in result.final.items() if k in ("mask", "finetune", "report")}
 
 
+def _run_plain(cfg, pro: bool, force: list[str]):
+    from toss_core.pipeline import run_pipeline
+
+    return _plain_rows(run_pipeline(cfg, pro=pro, force=tuple(force), on_stage=_print_stage))
+
+
 def _run_prefect(cfg, pro: bool, force: list[str]):
-    from prefect.settings import PREFECT_API_URL, temporary_settings
     from prefect.task_runners import ThreadPoolTaskRunner
 
-    from flows.local_server import prefect_api
     from flows.toss import toss_pipeline, toss_pro
 
     flow = (toss_pro if pro else toss_pipeline).with_options(
         task_runner=ThreadPoolTaskRunner(max_workers=cfg.orchestration.max_workers))
-    with prefect_api(Path(cfg.store.url) if "://" not in cfg.store.url else Path(".toss")) as (url, started):
+    return run_flow(cfg.store.url, flow, cfg, force)
+
+
+def run_flow(store_url: str, flow, *args):
+    """Run a flow against PREFECT_API_URL, or a Prefect server started for this command (its UI address is
+    printed); returns (summary rows, final artifact URIs)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.local_server import prefect_api
+
+    with prefect_api(Path(store_url) if "://" not in store_url else Path(".toss")) as (url, started):
         if started:
             console.print(f"Prefect server for this run: {url.removesuffix('/api')} (stopped at the end)")
         with temporary_settings(updates={PREFECT_API_URL: url}):
-            out = flow(cfg, force)
+            out = flow(*args)
     return out["stages"], {k: out[k]["uri"] for k in ("mask", "finetune", "report") if k in out}
 
 

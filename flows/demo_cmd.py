@@ -100,30 +100,17 @@ def demo(
 
 
 def _demo_plain(cfg, force: list[str]):
+    from flows.cli import _plain_rows, _print_stage
     from toss_core.demo.run import run_demo
 
-    def on_stage(name, outcome):
-        status = "[dim]reused[/]" if outcome.reused else "[green]computed[/]"
-        console.print(f"  {name:<28} {status} {outcome.seconds:8.2f}s")
-
-    result = run_demo(cfg, force=tuple(force), on_stage=on_stage)
-    rows = [{"stage": n, "status": "reused" if o.reused else "computed", "seconds": round(o.seconds, 2),
-             "artifact": o.ref.uri} for n, o in result.steps]
-    return rows, {k: o.ref.uri for k, o in result.final.items() if k in ("mask", "finetune", "report")}
+    return _plain_rows(run_demo(cfg, force=tuple(force), on_stage=_print_stage))
 
 
 def _demo_prefect(cfg, force: list[str]):
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
+    from flows.cli import run_flow
     from flows.demo import toss_demo
-    from flows.local_server import prefect_api
 
-    with prefect_api(Path(cfg.store.url) if "://" not in cfg.store.url else Path(".toss")) as (url, started):
-        if started:
-            console.print(f"Prefect server for this run: {url.removesuffix('/api')} (stopped at the end)")
-        with temporary_settings(updates={PREFECT_API_URL: url}):
-            out = toss_demo(cfg, force)
-    return out["stages"], {k: out[k]["uri"] for k in ("mask", "finetune", "report") if k in out}
+    return run_flow(cfg.store.url, toss_demo, cfg, force)
 
 
 def _print_report(final: dict) -> None:
