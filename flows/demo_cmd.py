@@ -15,10 +15,12 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+from toss_core.config import EVAL_METHODS
+
 console = Console(stderr=True, soft_wrap=True)
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-ALL_METHODS = ["standard", "toss", "random", "first-k", "sample-level", "safety-only", "utility-only",
-               "reference-free", "oracle"]
+# Every method of the evaluation (toss-pro joins TOSS-Pro runs by itself).
+ALL_METHODS = [m for m in EVAL_METHODS if m != "toss-pro"]
 
 
 def _fail(message: str) -> None:
