@@ -463,6 +463,8 @@ def main(argv=None) -> int:
         print(json.dumps(fn(a)), flush=True)
         return 0
 
+    if a.workdir:
+        Path(a.workdir).mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="toss-bench-select-", dir=a.workdir))
     results = {"benchmark": "bench_select", "command": " ".join(["python", *sys.argv]),
                "machine": C.machine(), "versions": C.versions("numpy", "pyarrow", "pandas", "toss"),

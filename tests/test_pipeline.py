@@ -15,6 +15,7 @@ import pytest
 
 from toss_core.config import load_config
 from toss_core.pipeline import run_pipeline
+from toss_core.selection import read_mask
 from toss_core.stages import local_files
 from toss_core.store import ArtifactStore
 
@@ -38,7 +39,7 @@ def harmful_ids(store, tokens_ref):
 
 def mask_quality(store, mask_ref, harmful):
     """(share of dropped tokens in harmful samples, share of all response tokens in harmful samples)."""
-    mask = pq.read_table(local_files(store, mask_ref)[0])
+    mask = read_mask(local_files(store, mask_ref))  # every file of the (sharded) mask
     dropped = dropped_harmful = resp = resp_harmful = 0
     for sid, d, s in zip(mask.column("sample_id").to_pylist(), mask.column("discard").to_pylist(),
                          mask.column("score").to_pylist()):

@@ -3,6 +3,7 @@
 import math
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -143,3 +144,88 @@ def test_pro_helpers_flagged_labels_and_first_k_samples(tmp_path):
     assert np.flatnonzero(labels[1]).tolist() == [4]
     assert top_flagged_samples(mask, 2) == [1, 2]
     assert top_flagged_samples(mask, 3) == [1, 2, 0]
+
+
+def multi_turn_tokens(n_samples, seed):
+    """Samples with 1-3 assistant turns each (runs of response tokens); position 0 is always prompt."""
+    rng = np.random.default_rng(seed)
+    table = token_table(rng.integers(30, 400, size=n_samples), seed=seed)
+    masks = []
+    for m in table.column("response_mask").to_pylist():
+        m = np.zeros(len(m), bool)
+        for _ in range(rng.integers(1, 4)):
+            a = int(rng.integers(1, len(m)))
+            m[a : a + int(rng.integers(1, 300))] = True
+        masks.append(m)
+    return table.set_column(2, "response_mask", pa.array(masks, pa.list_(pa.bool_())))
+
+
+def test_mask_files_written_in_parallel_hold_the_same_table_and_stats(tmp_path):
+    tokens = multi_turn_tokens(300, seed=11)
+    rng = np.random.default_rng(12)
+    util = score_table(tokens, lambda sid, p: float(round(rng.gamma(2.0), 1)))
+    safe = score_table(tokens, lambda sid, p: float(round(rng.gamma(2.0), 1)))
+    t, u, h = (write_shards(x, tmp_path / n, []) for x, n in ((tokens, "t"), (util, "u"), (safe, "h")))
+    one = str(tmp_path / "one.parquet")
+    many = [str(tmp_path / f"mask-{i:05d}.parquet") for i in range(3)]
+    cfg = SelectConfig(ratio=0.15)
+    stats_one = select_tokens(t, u, h, cfg, one)
+    stats_many = select_tokens(t, u, h, cfg, many)
+    assert stats_many == stats_one
+    assert all(pq.read_metadata(f).num_rows > 0 for f in many)  # really split, in sample order
+    a, b = read_mask([one]), read_mask(many)
+    assert a.column("sample_id").equals(b.column("sample_id"))
+    assert a.column("discard").equals(b.column("discard"))
+    np.testing.assert_array_equal(np.concatenate(a.column("score").to_pylist()).astype(float),
+                                  np.concatenate(b.column("score").to_pylist()).astype(float))
+
+    # The statistics against a per-token count: the position of each response token in its turn.
+    total, gone = np.zeros(257, int), np.zeros(257, int)
+    for m, d in zip(tokens.column("response_mask").to_pylist(), a.column("discard").to_pylist()):
+        pos = -1
+        for is_resp, x in zip(m, d):
+            pos = pos + 1 if is_resp else -1
+            if is_resp:
+                total[min(pos, 256)] += 1
+                gone[min(pos, 256)] += x
+    curve = stats_one["discard_rate_curve"]
+    assert curve == [g / t if t else None for g, t in zip(gone[:256], total)]
+    assert stats_one["discard_rate_by_position"]["21+"] == pytest.approx(gone[20:].sum() / total[20:].sum())
+    per_sample = [sum(d) for d in a.column("discard").to_pylist()]
+    assert stats_one["samples_touched"] == sum(x > 0 for x in per_sample)
+    hist = stats_one["score_histogram"]
+    assert sum(hist["all"]) == stats_one["response_tokens"]
+    assert sum(hist["discarded"]) == stats_one["discarded_tokens"] == math.floor(0.15 * stats_one["response_tokens"])
+
+
+def test_prefetch_hands_over_errors_and_stops_with_its_consumer():
+    from toss_core.tables import prefetch
+
+    def items():
+        yield from range(3)
+        raise TableError("row 3: broken")
+
+    got = []
+    with pytest.raises(TableError, match="row 3: broken"):
+        for x in prefetch(items()):
+            got.append(x)
+    assert got == [0, 1, 2]
+
+    produced = []
+
+    def endless():
+        i = 0
+        while True:
+            produced.append(i)
+            yield i
+            i += 1
+
+    stream = prefetch(endless(), depth=2)
+    assert [next(stream) for _ in range(5)] == [0, 1, 2, 3, 4]
+    stream.close()  # the consumer stops: the thread must stop too, at most a few items ahead
+    import time
+
+    time.sleep(0.5)
+    n = len(produced)
+    time.sleep(0.3)
+    assert len(produced) == n <= 5 + 2 + 2

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,12 +42,10 @@ POSITION_BUCKETS = [(0, 1, "1"), (1, 5, "2-5"), (5, 20, "6-20"), (20, None, "21+
 _FINE_POSITIONS = 256
 
 
-def _turn_positions(resp: np.ndarray) -> np.ndarray:
-    """Index of each response token inside its assistant turn (0 = the turn's first token)."""
-    idx = np.arange(len(resp))
-    starts = resp & ~np.concatenate([[False], resp[:-1]])
-    start_idx = np.maximum.accumulate(np.where(starts, idx, 0))
-    return (idx - start_idx)[resp]
+def _turns(resp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Start and end (exclusive) index of each run of response tokens, i.e. of each assistant turn."""
+    step = np.diff(resp.view(np.int8), prepend=np.int8(0), append=np.int8(0))
+    return np.flatnonzero(step == 1), np.flatnonzero(step == -1)
 
 
 @dataclass
@@ -59,43 +58,68 @@ class _Chunk:
     offsets: np.ndarray
     resp_bits: np.ndarray
     n_tokens: int
+    n_response: int
 
     def response_mask(self) -> np.ndarray:
         return np.unpackbits(self.resp_bits, count=self.n_tokens).astype(bool)
 
 
-def _collect_scores(tokens_files, utility_files, safety_files) -> tuple[np.ndarray, np.ndarray, list[_Chunk]]:
+def _token_count(files: Sequence[str], column: str) -> int:
+    """Values of a list column, from the Parquet footers alone (no data read)."""
+    total = 0
+    for f in files:
+        md = pq.ParquetFile(f).metadata
+        j = next((j for j in range(md.num_columns) if md.schema.column(j).path.startswith(column + ".")), None)
+        if j is not None:
+            total += sum(md.row_group(g).column(j).num_values for g in range(md.num_row_groups))
+    return total
+
+
+def _collect_scores(tokens_files, utility_files, safety_files, rows: int = _ROWS) -> tuple[np.ndarray, np.ndarray, list[_Chunk]]:
     """Pass 1: S of every response token in (sample_id, position) order, response tokens per sample,
-    and the compact chunk layout for pass 2."""
-    toks = RowStream(tokens_files, ["sample_id", "ids_digest", "response_mask"], _ROWS)
-    util = RowStream(utility_files, ["sample_id", "ids_digest", "loss"], _ROWS)
-    safe = RowStream(safety_files, ["sample_id", "ids_digest", "loss"], _ROWS)
-    parts, counts, chunks = [], [], []
+    and the compact chunk layout for pass 2.
+
+    The three tables are decoded in background threads (pyarrow releases the GIL). S goes into one
+    buffer sized from the footers: per-chunk arrays joined at the end would double the peak, and the
+    pages of the buffer that are never written (prompt tokens) never become resident."""
+    toks = RowStream(tokens_files, ["sample_id", "ids_digest", "response_mask"], rows, background=True)
+    util = RowStream(utility_files, ["sample_id", "ids_digest", "loss"], rows, background=True)
+    safe = RowStream(safety_files, ["sample_id", "ids_digest", "loss"], rows, background=True)
+    scores = np.empty(_token_count(tokens_files, "response_mask"), np.float32)
+    n, counts, chunks = 0, [], []
     while not toks.exhausted():
-        t = toks.take(_ROWS, exact=False)
+        t = toks.take(rows, exact=False)
         u, h = util.take(t.num_rows), safe.take(t.num_rows)
         check_aligned(t, u, "utility scores")
         check_aligned(t, h, "safety scores")
         resp = flat_values(t.column("response_mask"), bool)
         offsets = list_offsets(t.column("response_mask"))
-        s = flat_values(u.column("loss"), np.float32)[resp] - flat_values(h.column("loss"), np.float32)[resp]
+        m = int(np.count_nonzero(resp))
+        if n + m > len(scores):  # footers without the column's value counts: grow
+            scores = np.concatenate([scores[:n], np.empty(max(m, n), np.float32)])
+        s = scores[n : n + m]
+        np.subtract(flat_values(u.column("loss"), np.float32)[resp], flat_values(h.column("loss"), np.float32)[resp],
+                    out=s)
         if np.isnan(s).any():
             raise TableError("a response token has no loss in the score tables (NaN): were they computed "
                              "with another response mask?")
-        parts.append(s)
+        n += m
         counts.append(np.add.reduceat(resp, offsets[:-1]) if len(resp) else np.zeros(t.num_rows, np.int64))
         chunks.append(_Chunk(t.column("sample_id").combine_chunks(), t.column("ids_digest").combine_chunks(),
-                             offsets, np.packbits(resp), len(resp)))
+                             offsets, np.packbits(resp), len(resp), m))
     for name, stream in (("utility scores", util), ("safety scores", safe)):
         if not stream.exhausted():
             raise TableError(f"{name} have more samples than the token table")
-    scores = np.concatenate(parts) if parts else np.zeros(0, np.float32)
-    return scores, (np.concatenate(counts) if counts else np.zeros(0, np.int64)), chunks
+    return scores[:n], (np.concatenate(counts) if counts else np.zeros(0, np.int64)), chunks
 
 
 def global_top(scores: np.ndarray, k: int) -> np.ndarray:
     """Bool mask of the k largest scores; ties at the cut go to the earliest indices (index order is
-    (sample_id, position) order, so this is the SPEC's tie-break)."""
+    (sample_id, position) order, so this is the SPEC's tie-break).
+
+    The partition copies S (+4 bytes per response token for a moment). An exact histogram of sort keys
+    avoids the copy but measured 3-4x slower at 10M tokens (docs/benchmarks.md), and the copy keeps
+    200M tokens well under 4 GB."""
     discard = np.zeros(len(scores), dtype=bool)
     if k <= 0:
         return discard
@@ -104,7 +128,7 @@ def global_top(scores: np.ndarray, k: int) -> np.ndarray:
         return discard
     cut = np.partition(scores, len(scores) - k)[len(scores) - k]  # the k-th largest value
     np.greater(scores, cut, out=discard)
-    remaining = k - int(discard.sum())
+    remaining = k - int(np.count_nonzero(discard))
     discard[np.flatnonzero(scores == cut)[:remaining]] = True
     return discard
 
@@ -130,7 +154,7 @@ def choose(scores: np.ndarray, counts: np.ndarray, cfg: SelectConfig) -> np.ndar
 
 
 class _Stats:
-    """Counters accumulated while the mask is written (pass 2)."""
+    """Counters accumulated while the mask is written (pass 2); one per writer thread, then added up."""
 
     def __init__(self, lo: float, hi: float, bins: int = 50):
         self.lo, self.hi, self.bins = lo, (hi if hi > lo else lo + 1.0), bins
@@ -141,17 +165,35 @@ class _Stats:
         self.pos_discarded = np.zeros(_FINE_POSITIONS + 1, np.int64)
         self.samples = self.samples_touched = self.samples_emptied = 0
 
-    def add(self, s, d, pos, per_sample_discards, per_sample_counts):
+    def add(self, s, d, resp, full_d, per_sample_discards, per_sample_counts):
+        """s, d: scores and discard flags of the response tokens; resp, full_d: per token of the chunk."""
         # Equal-width bins by arithmetic + bincount: np.histogram with explicit edges sorts the data.
-        b = np.minimum(((s - self.lo) * (self.bins / (self.hi - self.lo))).astype(np.int64), self.bins - 1)
+        b = ((s - np.float32(self.lo)) * np.float32(self.bins / (self.hi - self.lo))).astype(np.intp)
+        np.minimum(b, self.bins - 1, out=b)
         self.hist_all += np.bincount(b, minlength=self.bins)
         self.hist_discarded += np.bincount(b[d], minlength=self.bins)
-        p = np.minimum(pos, _FINE_POSITIONS)
-        self.pos_total += np.bincount(p, minlength=_FINE_POSITIONS + 1)
-        self.pos_discarded += np.bincount(p[d], minlength=_FINE_POSITIONS + 1)
+        # Discard rate by position in the turn, without a position per token: the totals follow from the
+        # turn lengths (a turn of length L has a token at every position < L); only discarded tokens
+        # (a tenth of them) get their position looked up.
+        starts, ends = _turns(resp)
+        lengths = ends - starts
+        longer = np.bincount(np.minimum(lengths, _FINE_POSITIONS + 1), minlength=_FINE_POSITIONS + 2)[::-1].cumsum()[::-1]
+        self.pos_total[:_FINE_POSITIONS] += longer[1 : _FINE_POSITIONS + 1]  # turns longer than p
+        self.pos_total[_FINE_POSITIONS] += int(np.maximum(lengths - _FINE_POSITIONS, 0).sum())
+        gone = np.flatnonzero(full_d)
+        pos = gone - starts[np.searchsorted(starts, gone, side="right") - 1]
+        self.pos_discarded += np.bincount(np.minimum(pos, _FINE_POSITIONS), minlength=_FINE_POSITIONS + 1)
         self.samples += len(per_sample_counts)
         self.samples_touched += int((per_sample_discards > 0).sum())
         self.samples_emptied += int(((per_sample_discards == per_sample_counts) & (per_sample_counts > 0)).sum())
+
+    def __iadd__(self, other: "_Stats") -> "_Stats":
+        for name in ("hist_all", "hist_discarded", "pos_total", "pos_discarded"):
+            getattr(self, name).__iadd__(getattr(other, name))
+        self.samples += other.samples
+        self.samples_touched += other.samples_touched
+        self.samples_emptied += other.samples_emptied
+        return self
 
     def as_dict(self) -> dict:
         def rate(lo, hi):
@@ -172,17 +214,14 @@ class _Stats:
         }
 
 
-def _write_mask(chunks: list[_Chunk], scores, discard, sink) -> _Stats:
-    """Pass 2: write full-length discard/score lists per sample, chunk by chunk."""
-    stats = _Stats(float(scores.min()) if len(scores) else 0.0, float(scores.max()) if len(scores) else 1.0)
-    cursor = 0
-    # Scores are continuous and ids unique: dictionary encoding costs time for nothing.
-    with pq.ParquetWriter(sink, MASK_SCHEMA, use_dictionary=False) as writer:
+def _write_part(chunks: list[_Chunk], scores, discard, cursor: int, sink, stats: _Stats) -> _Stats:
+    """Write consecutive chunks as one Parquet file of the mask: full-length discard/score lists per sample."""
+    # Scores are continuous and ids unique: dictionary encoding and page statistics cost time for nothing.
+    with pq.ParquetWriter(sink, MASK_SCHEMA, use_dictionary=False, write_statistics=False) as writer:
         for c in chunks:
             offsets, resp = c.offsets, c.response_mask()
-            n = int(resp.sum())
-            s, d = scores[cursor : cursor + n], discard[cursor : cursor + n]
-            cursor += n
+            s, d = scores[cursor : cursor + c.n_response], discard[cursor : cursor + c.n_response]
+            cursor += c.n_response
             full_s = np.full(len(resp), np.nan, np.float32)
             full_s[resp] = s
             full_d = np.zeros(len(resp), bool)
@@ -190,7 +229,7 @@ def _write_mask(chunks: list[_Chunk], scores, discard, sink) -> _Stats:
             rows = len(c.sample_id)
             row_d = np.add.reduceat(full_d, offsets[:-1]) if len(resp) else np.zeros(rows, np.int64)
             row_n = np.add.reduceat(resp, offsets[:-1]) if len(resp) else np.zeros(rows, np.int64)
-            stats.add(s, d, _turn_positions(resp), row_d, row_n)
+            stats.add(s, d, resp, full_d, row_d, row_n)
             writer.write_table(pa.table(
                 {
                     "sample_id": c.sample_id,
@@ -203,6 +242,29 @@ def _write_mask(chunks: list[_Chunk], scores, discard, sink) -> _Stats:
     return stats
 
 
+def _write_mask(chunks: list[_Chunk], scores, discard, sinks: Sequence) -> _Stats:
+    """Pass 2: the mask as len(sinks) files of consecutive samples, written in parallel (pyarrow encodes
+    without the GIL; encoding is most of this pass)."""
+    lo, hi = (float(scores.min()), float(scores.max())) if len(scores) else (0.0, 1.0)
+    # Cut the chunk list into len(sinks) runs of about equal token counts: each chunk goes to the file
+    # whose share of the tokens holds the chunk's middle.
+    sizes = np.array([c.n_tokens for c in chunks], np.float64)
+    middles = np.cumsum(sizes) - sizes / 2
+    run_of = np.minimum((middles * len(sinks) / max(sizes.sum(), 1)).astype(np.int64), len(sinks) - 1)
+    runs = np.split(np.arange(len(chunks)), np.searchsorted(run_of, np.arange(1, len(sinks))))
+    cursors = np.concatenate([[0], np.cumsum([c.n_response for c in chunks])])
+    with ThreadPoolExecutor(len(sinks), thread_name_prefix="toss-mask") as pool:
+        parts = [
+            pool.submit(_write_part, [chunks[i] for i in run], scores, discard,
+                        int(cursors[run[0]]) if len(run) else 0, sink, _Stats(lo, hi))
+            for run, sink in zip(runs, sinks)
+        ]
+        stats = _Stats(lo, hi)
+        for part in parts:
+            stats += part.result()
+    return stats
+
+
 def select_tokens(
     tokens_files: Sequence[str],
     utility_files: Sequence[str],
@@ -210,11 +272,18 @@ def select_tokens(
     cfg: SelectConfig,
     sink,
 ) -> dict:
-    """Write the mask table to `sink` (path or file object); return its statistics (SPEC section 3)."""
-    scores, counts, chunks = _collect_scores(tokens_files, utility_files, safety_files)
+    """Write the mask table to `sink` and return its statistics (SPEC section 3).
+
+    `sink` is a path or file object, or a list of them: the mask is then split into that many files of
+    consecutive samples (a sharded table, as every reader accepts), written in parallel."""
+    sinks = list(sink) if isinstance(sink, (list, tuple)) else [sink]
+    # Chunks small enough that a small table still spreads over every file.
+    samples = sum(pq.ParquetFile(f).metadata.num_rows for f in tokens_files)
+    rows = min(_ROWS, max(64, math.ceil(samples / len(sinks))))
+    scores, counts, chunks = _collect_scores(tokens_files, utility_files, safety_files, rows)
     discard = choose(scores, counts, cfg)
-    stats = _write_mask(chunks, scores, discard, sink)
-    n, k = len(scores), int(discard.sum())
+    stats = _write_mask(chunks, scores, discard, sinks)
+    n, k = len(scores), int(np.count_nonzero(discard))
     cut = float(scores[discard].min()) if k else None
     return {
         "mode": cfg.mode,

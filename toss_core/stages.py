@@ -19,12 +19,11 @@ from __future__ import annotations
 import hashlib
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import Literal
 
 import fsspec
-import pyarrow.parquet as pq
 from pydantic import BaseModel
 
 from toss_core.config import DataConfig, ModelConfig, ScoreConfig, SelectConfig, TrainConfig
@@ -33,7 +32,7 @@ from toss_core.progress import progress_bar
 from toss_core.store import ArtifactRef, ArtifactStore, artifact_key
 
 # The demo's stages (toss_core/demo/stages.py) are versioned here too: one table of every stage.
-VERSIONS = {"model": 1, "tokens": 1, "train": 1, "scores": 1, "mask": 1,
+VERSIONS = {"model": 1, "tokens": 1, "train": 1, "scores": 1, "mask": 2,
             "model-import": 1, "demo-data": 2, "demo-sets": 1, "merged-model": 1}
 EXTERNAL_MODEL = "external-model"
 
@@ -252,7 +251,7 @@ def produce_scores(writer, model_dir: Path, adapter_dir: Path | None, token_file
     """Per-token losses of one shard of a token table under base model (+ adapter): `scores-<shard>.parquet`."""
     from toss_core.models import load_with_adapter
     from toss_core.scoring import score_tokens
-    from toss_core.tables import TOKENS_SCHEMA, read_table
+    from toss_core.tables import TOKENS_SCHEMA, read_table, write_scores
 
     table = read_table(token_files, TOKENS_SCHEMA)
     lo, hi = shard_rows(table.num_rows, shard, cfg.shards)
@@ -262,7 +261,7 @@ def produce_scores(writer, model_dir: Path, adapter_dir: Path | None, token_file
     scores, metrics = score_tokens(net, table.slice(lo, hi - lo), cfg.max_tokens_per_batch, pad_id=pad,
                                    progress=progress_bar(f"score shard {shard + 1}/{cfg.shards}", progress, "tok", True))
     with writer.open(f"scores-{shard:05d}.parquet", "wb") as f:
-        pq.write_table(scores, f, use_dictionary=False)  # continuous losses: no dictionary
+        write_scores(scores, f)
     writer.metrics.update(metrics, rows=[lo, hi])
 
 
@@ -293,10 +292,12 @@ def select_stage(store: ArtifactStore, tokens: ArtifactRef, utility: list[Artifa
 
 def produce_mask(writer, token_files: list[str], utility_files: list[str], safety_files: list[str],
                  cfg: SelectConfig) -> None:
-    """Select tokens: `mask.parquet` plus `stats.json` (the headline numbers also go in the manifest)."""
+    """Select tokens: `mask-00000.parquet`... (cfg.mask_files files, one table) plus `stats.json` (the
+    headline numbers also go in the manifest)."""
     from toss_core.selection import select_tokens
 
-    with writer.open("mask.parquet", "wb") as f:
-        stats = select_tokens(token_files, utility_files, safety_files, cfg, f)
+    with ExitStack() as files:
+        sinks = [files.enter_context(writer.open(f"mask-{i:05d}.parquet", "wb")) for i in range(cfg.mask_files)]
+        stats = select_tokens(token_files, utility_files, safety_files, cfg, sinks)
     writer.write_json("stats.json", stats)
     writer.metrics.update({k: v for k, v in stats.items() if not isinstance(v, (dict, list))})

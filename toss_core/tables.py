@@ -14,7 +14,9 @@ Rows are sorted by `sample_id` inside a file; a table may be split over several 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+import queue
+import threading
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -41,6 +43,9 @@ MASK_SCHEMA = pa.schema(
         ("score", pa.list_(pa.float32())),
     ]
 )
+
+
+ROWS_PER_GROUP = 4096  # row groups of every table the stages write: bounded memory when streamed
 
 
 class TableError(ValueError):
@@ -124,7 +129,9 @@ def iter_batches(files: Sequence[str], columns: Sequence[str], batch_rows: int, 
         firsts.append((first, f))
     last_id = None
     for _, f in sorted(firsts):
-        pf = pq.ParquetFile(f, filesystem=filesystem)
+        # pre_buffer=False: pyarrow's read cache keeps every pre-buffered column chunk until the file is
+        # closed (apache/arrow#39808), so a streamed file would end up resident in full.
+        pf = pq.ParquetFile(f, filesystem=filesystem, pre_buffer=False)
         for batch in pf.iter_batches(batch_size=batch_rows, columns=list(columns)):
             ids = batch.column("sample_id").to_numpy()
             if (last_id is not None and ids[0] <= last_id) or np.any(np.diff(ids) <= 0):
@@ -133,11 +140,59 @@ def iter_batches(files: Sequence[str], columns: Sequence[str], batch_rows: int, 
             yield pa.Table.from_batches([batch])
 
 
-class RowStream:
-    """Hands out the next N rows of a sharded table, whatever its batch boundaries (to zip tables)."""
+def prefetch(items: Iterable, depth: int = 2) -> Iterator:
+    """Iterate `items` in a background thread, up to `depth` items ahead of the consumer.
 
-    def __init__(self, files: Sequence[str], columns: Sequence[str], batch_rows: int = 4096, filesystem=None):
+    pyarrow decodes Parquet without holding the GIL, so tables zipped side by side (select reads three)
+    decode on different cores while the caller computes. Errors reach the caller at the item where they
+    happened; a consumer that stops early stops the thread.
+    """
+    slots: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+    end = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce():
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+            put((end, None))
+        except BaseException as exc:  # handed to the consumer, raised there
+            put((end, exc))
+
+    thread = threading.Thread(target=produce, name="toss-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, exc = slots.get()
+            if exc is not None:
+                raise exc
+            if item is end:
+                return
+            yield item
+    finally:
+        stop.set()
+
+
+class RowStream:
+    """Hands out the next N rows of a sharded table, whatever its batch boundaries (to zip tables).
+
+    With `background=True` the files are read and decoded in a thread, a couple of batches ahead."""
+
+    def __init__(self, files: Sequence[str], columns: Sequence[str], batch_rows: int = 4096, filesystem=None,
+                 background: bool = False):
         self._batches = iter_batches(files, columns, batch_rows, filesystem)
+        if background:
+            self._batches = prefetch(self._batches)
         self._pending: list[pa.Table] = []
         self._pending_rows = 0
 
@@ -167,6 +222,12 @@ class RowStream:
             return True
         self._pending, self._pending_rows = [batch], batch.num_rows
         return False
+
+
+def write_scores(table: pa.Table, sink) -> None:
+    """A scores table as every stage writes it: plain encoding (losses are continuous, a dictionary costs
+    time for nothing) and bounded row groups, so readers can stream it."""
+    pq.write_table(table, sink, use_dictionary=False, row_group_size=ROWS_PER_GROUP)
 
 
 def check_aligned(tokens: pa.Table, other: pa.Table, what: str) -> None:

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from toss_core.data import Conversation, Message
-from toss_core.tables import TOKENS_SCHEMA, ids_digest
+from toss_core.tables import ROWS_PER_GROUP, TOKENS_SCHEMA, ids_digest
 
 REFERENCE_TEMPLATE = "Human: {user}\nAssistant: {assistant}"
 
@@ -158,7 +158,7 @@ def tokenize_conversations(
     return pa.Table.from_pydict(cols, schema=TOKENS_SCHEMA), stats
 
 
-def write_token_table(table: pa.Table, path_or_file, rows_per_group: int = 4096) -> None:
+def write_token_table(table: pa.Table, path_or_file, rows_per_group: int = ROWS_PER_GROUP) -> None:
     pq.write_table(table, path_or_file, row_group_size=rows_per_group)
 
 
