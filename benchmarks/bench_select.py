@@ -38,7 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C
 
-ROWS_PER_GROUP = 4096  # what toss_core.tokenization.write_token_table uses
+from toss_core.tables import ROWS_PER_GROUP  # noqa: E402  (row groups as every stage writes them)
 VOCAB = 32000
 
 
@@ -59,8 +59,9 @@ def child_gen(a) -> dict:
     n_resp = n_tok = n_samples = 0
     writers = {
         "tokens": pq.ParquetWriter(out / "tokens.parquet", TOKENS_SCHEMA),
-        "utility": pq.ParquetWriter(out / "utility.parquet", SCORES_SCHEMA),
-        "safety": pq.ParquetWriter(out / "safety.parquet", SCORES_SCHEMA),
+        # Scores as toss_core.tables.write_scores writes them: plain encoding, LZ4.
+        "utility": pq.ParquetWriter(out / "utility.parquet", SCORES_SCHEMA, use_dictionary=False, compression="lz4"),
+        "safety": pq.ParquetWriter(out / "safety.parquet", SCORES_SCHEMA, use_dictionary=False, compression="lz4"),
     }
     try:
         while n_resp < a.tokens:
@@ -120,78 +121,6 @@ def _imports():
     import toss_core.selection  # noqa: F401
 
 
-def _apply_patches(names: list[str]) -> None:
-    """What-if switches for the proposed toss_core changes (monkeypatched here, toss_core is not edited):
-    prebuffer-off: toss_core.tables.iter_batches opens files with pre_buffer=False (pyarrow's default
-      pre_buffer=True keeps every pre-buffered column chunk until the file is closed, apache/arrow#39808);
-    prealloc-scores: pass 1 writes S into one preallocated buffer instead of per-chunk arrays + concatenate."""
-    import functools
-    import types
-
-    import pyarrow.parquet as pq
-
-    import toss_core.selection as S
-    import toss_core.tables as T
-
-    for name in names:
-        if name == "prebuffer-off":
-            T.pq = types.SimpleNamespace(ParquetFile=functools.partial(pq.ParquetFile, pre_buffer=False))
-        elif name == "prealloc-scores":
-            S._collect_scores = _collect_scores_prealloc
-        elif name:
-            raise SystemExit(f"unknown --patch {name!r}: use prebuffer-off, prealloc-scores")
-
-
-def _collect_scores_prealloc(tokens_files, utility_files, safety_files):
-    """toss_core.selection._collect_scores (as of this benchmark) with one change: S goes straight into one
-    preallocated float32 buffer sized by the token count in the Parquet footers (pages never written are
-    never resident), instead of a list of per-chunk arrays and a final np.concatenate (which doubles the
-    peak and, with glibc, leaves the freed chunks resident)."""
-    import numpy as np
-    import pyarrow.parquet as pq
-
-    from toss_core.selection import _ROWS, _Chunk
-    from toss_core.tables import (
-        RowStream,
-        TableError,
-        check_aligned,
-        flat_values,
-        list_offsets,
-    )
-
-    cap = 0
-    for f in tokens_files:
-        md = pq.ParquetFile(f).metadata
-        col = [md.schema.column(j).path for j in range(md.num_columns)].index("response_mask.list.element")
-        cap += sum(md.row_group(g).column(col).num_values for g in range(md.num_row_groups))
-    buf = np.empty(cap, np.float32)
-    toks = RowStream(tokens_files, ["sample_id", "ids_digest", "response_mask"], _ROWS)
-    util = RowStream(utility_files, ["sample_id", "ids_digest", "loss"], _ROWS)
-    safe = RowStream(safety_files, ["sample_id", "ids_digest", "loss"], _ROWS)
-    n, counts, chunks = 0, [], []
-    while not toks.exhausted():
-        t = toks.take(_ROWS, exact=False)
-        u, h = util.take(t.num_rows), safe.take(t.num_rows)
-        check_aligned(t, u, "utility scores")
-        check_aligned(t, h, "safety scores")
-        resp = flat_values(t.column("response_mask"), bool)
-        offsets = list_offsets(t.column("response_mask"))
-        m = int(resp.sum())
-        out = buf[n:n + m]
-        np.subtract(flat_values(u.column("loss"), np.float32)[resp], flat_values(h.column("loss"), np.float32)[resp],
-                    out=out)
-        if np.isnan(out).any():
-            raise TableError("a response token has no loss in the score tables (NaN)")
-        n += m
-        counts.append(np.add.reduceat(resp, offsets[:-1]) if len(resp) else np.zeros(t.num_rows, np.int64))
-        chunks.append(_Chunk(t.column("sample_id").combine_chunks(), t.column("ids_digest").combine_chunks(),
-                             offsets, np.packbits(resp), len(resp)))
-    for name, stream in (("utility scores", util), ("safety scores", safe)):
-        if not stream.exhausted():
-            raise TableError(f"{name} have more samples than the token table")
-    return buf[:n], (np.concatenate(counts) if counts else np.zeros(0, np.int64)), chunks
-
-
 def child_baseline(a) -> dict:
     _imports()
     return C.memory_report()
@@ -202,7 +131,6 @@ def child_ours(a) -> dict:
     import toss_core.selection as S
     from toss_core.config import SelectConfig
 
-    _apply_patches([p.strip() for p in (a.patch or "").split(",") if p.strip()])
     # Phase timers: thin wrappers around the three steps select_tokens calls (no change to what they do).
     phases: dict[str, dict] = {}
 
@@ -210,9 +138,9 @@ def child_ours(a) -> dict:
         fn = getattr(S, name)
 
         def wrapper(*args, **kwargs):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             out = fn(*args, **kwargs)
-            phases[label] = {"seconds": round(time.perf_counter() - t, 3),
+            phases[label] = {"seconds": round(time.perf_counter() - t, 3), "cpu_seconds": round(time.process_time() - c, 3),
                              "peak_rss_mib_so_far": C.memory_report()["peak_rss_mib"]}
             return out
         setattr(S, name, wrapper)
@@ -221,15 +149,19 @@ def child_ours(a) -> dict:
     timed("choose", "cut: global top floor(d*N)")
     timed("_write_mask", "pass 2: write mask + stats")
     d = Path(a.data)
-    sink = str(Path(a.mask))
-    t0 = time.perf_counter()
+    cfg = SelectConfig(ratio=a.ratio, mask_files=a.mask_files)
+    out = Path(a.mask)
+    out.mkdir(parents=True, exist_ok=True)
+    sinks = [str(out / f"mask-{i:05d}.parquet") for i in range(cfg.mask_files)]  # as the select stage names them
+    t0, c0 = time.perf_counter(), time.process_time()
     stats = S.select_tokens([str(d / "tokens.parquet")], [str(d / "utility.parquet")], [str(d / "safety.parquet")],
-                            SelectConfig(ratio=a.ratio), sink)
-    seconds = time.perf_counter() - t0
+                            cfg, sinks)
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     mem = C.memory_report()
-    return {"seconds": round(seconds, 3), **mem, "phases": phases, "patches": a.patch or "",
-            "response_tokens": stats["response_tokens"], "discarded_tokens": stats["discarded_tokens"],
-            "score_cut": stats["score_cut"], "mask_bytes": Path(sink).stat().st_size}
+    return {"seconds": round(seconds, 3), "cpu_seconds": round(cpu, 3), **mem, "phases": phases,
+            "mask_files": cfg.mask_files, "response_tokens": stats["response_tokens"],
+            "discarded_tokens": stats["discarded_tokens"], "score_cut": stats["score_cut"],
+            "mask_bytes": sum(Path(f).stat().st_size for f in sinks)}
 
 
 def _load_s(d: Path):
@@ -324,11 +256,14 @@ def run_child(role: str, a, **extra) -> dict:
 def ours_discarded(data: Path, mask: Path):
     """Flat response-token indices our mask discards (read back after the timed run)."""
     import numpy as np
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     resp = pq.read_table(data / "tokens.parquet", columns=["response_mask"]).column(0)
     resp = resp.combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    disc = pq.read_table(mask, columns=["discard"]).column(0).combine_chunks().flatten()
+    files = sorted(Path(mask).glob("mask-*.parquet"))  # the files in name order = sample order
+    disc = pa.concat_tables([pq.read_table(f, columns=["discard"]) for f in files]).column(0)
+    disc = disc.combine_chunks().flatten()
     disc = disc.to_numpy(zero_copy_only=False)
     assert len(disc) == len(resp), "mask does not line up with the token table"
     assert not disc[~resp].any(), "a non-response token was discarded"
@@ -360,27 +295,27 @@ def run_small(a, work: Path) -> dict:
           f"{gen['disk_bytes'] / 1e6:.0f} MB on disk, {gen['seconds']} s", flush=True)
     k = math.floor(a.ratio * gen["response_tokens"])
     base = [run_child("baseline", a) for _ in range(a.repeats)]
-    ours, ref, core, patched = [], [], [], []
+    ours, ref, core, single = [], [], [], []
     for r in range(a.repeats):  # interleaved, so background load hits every side alike
-        ours.append(run_child("ours", a, data=data, mask=work / "mask_small.parquet"))
+        ours.append(run_child("ours", a, data=data, mask=work / "mask_small", mask_files=a.mask_files))
         print(f"[select]   run {r + 1}: " + _line("ours", ours[-1]), flush=True)
         ref.append(run_child("ref", a, data=data, mask=work / "ref_discarded.npy"))
         print(f"[select]   run {r + 1}: " + _line("reference", ref[-1])
               + f", RSS with its input lists loaded {ref[-1]['rss_after_load_mib']:.0f} MiB", flush=True)
         core.append(run_child("core", a, data=data, mask=work / "core_discarded.npy"))
         print(f"[select]   run {r + 1}: " + _line("ours, in-memory core", core[-1]), flush=True)
-        if a.patch:
-            patched.append(run_child("ours", a, data=data, mask=work / "mask_patched.parquet", patch=a.patch))
-            print(f"[select]   run {r + 1}: " + _line(f"ours + what-if [{a.patch}]", patched[-1]), flush=True)
+        if a.mask_files > 1:  # the same with one file, i.e. one writer thread: what the parallel write buys
+            single.append(run_child("ours", a, data=data, mask=work / "mask_small_1", mask_files=1))
+            print(f"[select]   run {r + 1}: " + _line("ours, mask as 1 file", single[-1]), flush=True)
     # The same discarded set (the last run of each side; every run of a side is deterministic).
-    mine = ours_discarded(data, work / "mask_small.parquet")
+    mine = ours_discarded(data, work / "mask_small")
     theirs = np.load(work / "ref_discarded.npy")
     assert len(mine) == len(theirs) == k, (len(mine), len(theirs), k)
     assert np.array_equal(mine, theirs), "ours and the reference discard different tokens"
     assert np.array_equal(np.load(work / "core_discarded.npy"), theirs)
-    if a.patch:
-        assert np.array_equal(ours_discarded(data, work / "mask_patched.parquet"), theirs)
-    assert all(r["discarded_tokens"] == k for r in ours + ref + core + patched)
+    if single:
+        assert np.array_equal(ours_discarded(data, work / "mask_small_1"), theirs)
+    assert all(r["discarded_tokens"] == k for r in ours + ref + core + single)
     print(f"[select]   same discarded set: {k} tokens (floor({a.ratio} * {gen['response_tokens']}))", flush=True)
     o, f, c = summarize(ours), summarize(ref), summarize(core)
     b = C.median([x["peak_rss_mib"] for x in base])
@@ -395,10 +330,9 @@ def run_small(a, work: Path) -> dict:
         "reference_bytes_per_response_token_above_baseline": ref_per_token,
         "reference_load_seconds_median": C.median([r["load_seconds"] for r in ref]),
     }
-    if a.patch:
-        pt = out["ours_whatif"] = summarize(patched)
-        pt["patches"] = a.patch
-        out["speedup_whatif"] = f["seconds_median"] / pt["seconds_median"]
+    if single:
+        out["ours_one_file"] = summarize(single)
+        out["speedup_one_file"] = f["seconds_median"] / out["ours_one_file"]["seconds_median"]
     return out
 
 
@@ -410,20 +344,14 @@ def run_big(a, work: Path, small: dict | None) -> dict:
           f"{gen['disk_bytes'] / 1e9:.2f} GB on disk, {gen['seconds']} s (generator peak {gen['peak_rss_mib']:.0f} MiB)",
           flush=True)
     k = math.floor(a.ratio * gen["response_tokens"])
-    ours, patched = [], []
+    ours = []
     for r in range(a.big_repeats):
-        ours.append(run_child("ours", a, data=data, mask=work / "mask_big.parquet"))
+        ours.append(run_child("ours", a, data=data, mask=work / "mask_big", mask_files=a.mask_files))
         assert ours[-1]["discarded_tokens"] == k and ours[-1]["response_tokens"] == gen["response_tokens"]
         print(f"[select]   run {r + 1}: " + _line("ours", ours[-1]), flush=True)
-        if a.patch:
-            patched.append(run_child("ours", a, data=data, mask=work / "mask_big_patched.parquet", patch=a.patch))
-            assert patched[-1]["discarded_tokens"] == k
-            print(f"[select]   run {r + 1}: " + _line(f"ours + what-if [{a.patch}]", patched[-1]), flush=True)
     o = summarize(ours)
     out = {"data": gen, "ours": o, "discarded_tokens": k,
            "peak_under_4GB": max(r["peak_rss_mib"] for r in ours) * 2**20 < 4e9}
-    if a.patch:
-        out["ours_whatif"] = {**summarize(patched), "patches": a.patch}
     if small:
         per = small["reference_bytes_per_response_token_above_baseline"]
         out["reference_extrapolated_peak_gib"] = (small["baseline_rss_mib"] * 2**20 + per * gen["response_tokens"]) / 2**30
@@ -449,13 +377,17 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--median-len", type=float, default=250.0, help="median sample length (log-normal, default 250)")
     p.add_argument("--sigma", type=float, default=1.0, help="log-normal sigma of sample lengths (default 1.0)")
-    p.add_argument("--patch", default="", help="what-if: ALSO run ours with proposed toss_core changes "
-                   "monkeypatched in (comma list of: prebuffer-off, prealloc-scores), reported as a separate row")
+    p.add_argument("--mask-files", type=int, default=None, help="select.mask_files for ours (default: the config's "
+                   "default); when > 1, ours also runs with 1 file at --tokens, as an extra row")
     p.add_argument("--out", default=None, help="JSON results path (default benchmarks/results/bench_select.json)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--data", default=None, help=argparse.SUPPRESS)
     p.add_argument("--mask", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.mask_files is None:
+        from toss_core.config import SelectConfig
+
+        a.mask_files = SelectConfig().mask_files
 
     if a.child:
         fn = {"gen": child_gen, "baseline": child_baseline, "ours": child_ours, "ref": child_ref,
@@ -491,6 +423,10 @@ def main(argv=None) -> int:
     return 0
 
 
+def a_files(side: dict) -> int:
+    return side["runs"][0].get("mask_files", 1)
+
+
 def report(res: dict) -> str:
     lines = []
     s = res.get("small")
@@ -500,12 +436,13 @@ def report(res: dict) -> str:
         n = C.fmt_size(s["data"]["response_tokens"])
         lines.append(f"Select, {n} response tokens ({s['data']['samples']} samples), d={res['ratio']}, "
                      f"median of {res['repeats']} runs; peak RSS = VmHWM of each side's own process")
-        rows = [["ours: select_tokens", "Parquet read + select + mask write", f"{o['seconds_median']:.2f}",
+        rows = [[f"ours: select_tokens, mask as {a_files(o)} files", "Parquet read + select + mask write",
+                 f"{o['seconds_median']:.2f}",
                  f"{f['seconds_median'] / o['seconds_median']:.1f}x", f"{o['peak_rss_mib_median']:.0f}",
                  f"{o['peak_rss_mib_median'] - b:.0f}"]]
-        if "ours_whatif" in s:
-            w = s["ours_whatif"]
-            rows.append([f"ours + what-if [{w['patches']}]", "same", f"{w['seconds_median']:.2f}",
+        if "ours_one_file" in s:
+            w = s["ours_one_file"]
+            rows.append(["ours, mask as 1 file (1 writer thread)", "same", f"{w['seconds_median']:.2f}",
                          f"{f['seconds_median'] / w['seconds_median']:.1f}x", f"{w['peak_rss_mib_median']:.0f}",
                          f"{w['peak_rss_mib_median'] - b:.0f}"])
         rows += [["ours: in-memory core (global_top)", "S already a float32 array", f"{c['seconds_median']:.3f}",
@@ -524,6 +461,7 @@ def report(res: dict) -> str:
                      f"1/{1 / s['memory_ratio_above_baseline']:.1f}")
         lines.append("ours, by phase (median s): " + "; ".join(
             f"{k} {v:.2f}" for k, v in o["phases_seconds_median"].items()))
+        lines.append(f"ours, CPU seconds (both cores) per run, median: {C.median([r['cpu_seconds'] for r in o['runs']]):.2f}")
         lines.append(f"same discarded set: {s['same_discarded_set']} ({s['discarded_tokens']} tokens)")
     bg = res.get("big")
     if bg:
@@ -534,11 +472,6 @@ def report(res: dict) -> str:
                      f"{res['big_repeats']} runs")
         rows = [["ours: select_tokens", f"{o['seconds_median']:.1f}", f"{o['peak_rss_mib_median']:.0f}",
                  f"{o['peak_rss_mib_median'] * 2**20 / 1e9:.2f}", str(bg["peak_under_4GB"])]]
-        if "ours_whatif" in bg:
-            w = bg["ours_whatif"]
-            rows.append([f"ours + what-if [{w['patches']}]", f"{w['seconds_median']:.1f}",
-                         f"{w['peak_rss_mib_median']:.0f}", f"{w['peak_rss_mib_median'] * 2**20 / 1e9:.2f}",
-                         str(max(r["peak_rss_mib"] for r in w["runs"]) * 2**20 < 4e9)])
         lines.append(C.table(["side", "wall s", "peak RSS MiB", "peak RSS GB", "under 4 GB"], rows))
         lines.append("ours, by phase (median s): " + "; ".join(
             f"{k} {v:.1f}" for k, v in o["phases_seconds_median"].items()))

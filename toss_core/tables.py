@@ -225,9 +225,10 @@ class RowStream:
 
 
 def write_scores(table: pa.Table, sink) -> None:
-    """A scores table as every stage writes it: plain encoding (losses are continuous, a dictionary costs
-    time for nothing) and bounded row groups, so readers can stream it."""
-    pq.write_table(table, sink, use_dictionary=False, row_group_size=ROWS_PER_GROUP)
+    """A scores table as every stage writes it: bounded row groups, so readers can stream it; plain
+    encoding and LZ4 (losses are continuous: a dictionary costs time for nothing, and on such floats
+    snappy compresses no better than LZ4 but takes ~1.7x as long to read back; docs/benchmarks.md)."""
+    pq.write_table(table, sink, use_dictionary=False, compression="lz4", row_group_size=ROWS_PER_GROUP)
 
 
 def check_aligned(tokens: pa.Table, other: pa.Table, what: str) -> None:
