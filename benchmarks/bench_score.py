@@ -216,9 +216,8 @@ def main(argv=None) -> int:
                     "batches of 4 with full logits. Writes benchmarks/results/bench_score.json.")
     p.add_argument("--models", default="tiny,smollm2", help="comma list of: tiny, smollm2 (default both)")
     p.add_argument("--tiny-samples", type=int, default=400, help="samples for the tiny model (default 400)")
-    p.add_argument("--smol-samples", type=int, default=24,
-                   help="samples for SmolLM2-135M (default 24; more samples let the length grouping of ours pad "
-                        "less, see docs/benchmarks.md)")
+    p.add_argument("--smol-samples", type=int, default=48,
+                   help="samples for SmolLM2-135M (default 48: ~15 minutes for both sides x 3 runs on 2 cores)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per side; the median is reported (3)")
     p.add_argument("--max-tokens-per-batch", type=int, default=8192, help="ours: token budget per batch (8192, "
                    "the default of score_tokens and of the score config)")

@@ -40,3 +40,17 @@ def test_length_batches_respect_the_budget_and_cover_everything():
     assert sorted(np.concatenate(batches).tolist()) == list(range(len(lengths)))
     for b in batches:
         assert len(b) == 1 or lengths[b].max() * len(b) <= 120
+
+
+def test_length_batches_bound_the_padding():
+    lengths = np.random.default_rng(0).integers(20, 2000, size=500)
+    batches = length_batches(lengths, max_tokens=8192, max_padding=0.2)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(500))
+    for b in batches:
+        assert lengths[b].min() >= 0.8 * lengths[b].max()
+        assert len(b) == 1 or lengths[b].max() * len(b) <= 8192
+    positions = sum(len(b) * lengths[b].max() for b in batches)
+    assert positions <= 1.2 * lengths.sum()
+    # With the budget alone, one batch mixes 110- and 30-token samples: 220 padded positions for 140 real.
+    assert [b.tolist() for b in length_batches(np.array([110, 30]), max_tokens=256, max_padding=1.0)] == [[0, 1]]
+    assert [b.tolist() for b in length_batches(np.array([110, 30]), max_tokens=256)] == [[0], [1]]

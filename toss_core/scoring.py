@@ -27,20 +27,24 @@ from toss_core.tables import SCORES_SCHEMA, flat_values, list_array, list_offset
 _LOGIT_CHUNK = 2048
 
 
-def length_batches(lengths: np.ndarray, max_tokens: int) -> list[np.ndarray]:
-    """Indices grouped into batches of similar length with batch_size * longest <= max_tokens.
+def length_batches(lengths: np.ndarray, max_tokens: int, max_padding: float = 0.2) -> list[np.ndarray]:
+    """Indices grouped into batches of similar length: batch_size * longest <= max_tokens, and no sample
+    shorter than (1 - max_padding) * the batch's longest, so padding stays under that share of a batch.
 
-    A sample longer than the budget gets a batch of its own.
+    Padding costs as much as real tokens in the model's body; the bound matters most for small shards,
+    where a token budget alone would put a 300-token sample next to a 1,000-token one. A sample longer
+    than the budget gets a batch of its own.
     """
-    order = np.argsort(-lengths, kind="stable")
+    order = np.argsort(-lengths, kind="stable")  # longest first: a batch's first sample sets its width
     batches, current, longest = [], [], 0
     for i in order:
         n = int(lengths[i])
-        if current and max(longest, n) * (len(current) + 1) > max_tokens:
+        if current and (longest * (len(current) + 1) > max_tokens or n < (1 - max_padding) * longest):
             batches.append(np.array(current))
-            current, longest = [], 0
+            current = []
+        if not current:
+            longest = n
         current.append(i)
-        longest = max(longest, n)
     if current:
         batches.append(np.array(current))
     return batches
