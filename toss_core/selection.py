@@ -1,16 +1,18 @@
 """Token selection (SPEC section 3): S = loss_utility - loss_safety; drop the tokens with the highest S.
 
-    stats = select_tokens(tokens_files, utility_files, safety_files, SelectConfig(ratio=0.1), "mask.parquet")
+    stats = select_tokens(tokens_files, utility_files, safety_files, SelectConfig(ratio=0.1),
+                          ["mask-00000.parquet", "mask-00001.parquet"])   # or one path
 
 Global mode is exact: exactly floor(d * N) response tokens of the whole custom set are discarded,
 ties broken by (sample_id, position) ascending, so the mask does not depend on how the scores were
-sharded or on the hardware. One streaming pass over the inputs keeps memory at ~10 bytes per
-response token (200M tokens in ~2 GB), never a Python object per token:
-  1. zip the token table with both score tables in sample_id order (digests checked), keep the
-     response tokens' S in one float32 array, in (sample_id, position) order, plus a compact layout
-     of each chunk (ids, digests, offsets, bit-packed response mask);
-  2. find the cut with a partition (O(N), no sort), then write the mask rows chunk by chunk and
-     accumulate the statistics.
+sharded, how many files the mask is written as, or the hardware. One streaming pass over the inputs
+keeps memory at ~10 bytes per response token (200M tokens in ~2 GB), never a Python object per token:
+  1. zip the token table with both score tables in sample_id order (digests checked; each table
+     decoded in a background thread), keep the response tokens' S in one float32 array, in
+     (sample_id, position) order, plus a compact layout of each chunk (ids, digests, offsets,
+     bit-packed response mask, response tokens per sample);
+  2. find the cut with a partition (O(N), no sort), then write the mask rows chunk by chunk, as one
+     or more files of consecutive samples written in parallel, and accumulate the statistics.
 """
 
 from __future__ import annotations
@@ -58,7 +60,11 @@ class _Chunk:
     offsets: np.ndarray
     resp_bits: np.ndarray
     n_tokens: int
-    n_response: int
+    counts: np.ndarray  # response tokens per sample
+
+    @property
+    def n_response(self) -> int:
+        return int(self.counts.sum())
 
     def response_mask(self) -> np.ndarray:
         return np.unpackbits(self.resp_bits, count=self.n_tokens).astype(bool)
@@ -86,7 +92,7 @@ def _collect_scores(tokens_files, utility_files, safety_files, rows: int = _ROWS
     util = RowStream(utility_files, ["sample_id", "ids_digest", "loss"], rows, background=True)
     safe = RowStream(safety_files, ["sample_id", "ids_digest", "loss"], rows, background=True)
     scores = np.empty(_token_count(tokens_files, "response_mask"), np.float32)
-    n, counts, chunks = 0, [], []
+    n, chunks = 0, []
     while not toks.exhausted():
         t = toks.take(rows, exact=False)
         u, h = util.take(t.num_rows), safe.take(t.num_rows)
@@ -104,13 +110,13 @@ def _collect_scores(tokens_files, utility_files, safety_files, rows: int = _ROWS
             raise TableError("a response token has no loss in the score tables (NaN): were they computed "
                              "with another response mask?")
         n += m
-        counts.append(np.add.reduceat(resp, offsets[:-1]) if len(resp) else np.zeros(t.num_rows, np.int64))
+        counts = np.add.reduceat(resp, offsets[:-1]) if len(resp) else np.zeros(t.num_rows, np.int64)
         chunks.append(_Chunk(t.column("sample_id").combine_chunks(), t.column("ids_digest").combine_chunks(),
-                             offsets, np.packbits(resp), len(resp), m))
+                             offsets, np.packbits(resp), len(resp), counts))
     for name, stream in (("utility scores", util), ("safety scores", safe)):
         if not stream.exhausted():
             raise TableError(f"{name} have more samples than the token table")
-    return scores[:n], (np.concatenate(counts) if counts else np.zeros(0, np.int64)), chunks
+    return scores[:n], (np.concatenate([c.counts for c in chunks]) if chunks else np.zeros(0, np.int64)), chunks
 
 
 def global_top(scores: np.ndarray, k: int) -> np.ndarray:
@@ -226,10 +232,8 @@ def _write_part(chunks: list[_Chunk], scores, discard, cursor: int, sink, stats:
             full_s[resp] = s
             full_d = np.zeros(len(resp), bool)
             full_d[resp] = d
-            rows = len(c.sample_id)
-            row_d = np.add.reduceat(full_d, offsets[:-1]) if len(resp) else np.zeros(rows, np.int64)
-            row_n = np.add.reduceat(resp, offsets[:-1]) if len(resp) else np.zeros(rows, np.int64)
-            stats.add(s, d, resp, full_d, row_d, row_n)
+            row_d = np.add.reduceat(full_d, offsets[:-1]) if len(resp) else np.zeros(len(c.counts), np.int64)
+            stats.add(s, d, resp, full_d, row_d, c.counts)
             writer.write_table(pa.table(
                 {
                     "sample_id": c.sample_id,
