@@ -285,6 +285,7 @@ def select_tokens(
     samples = sum(pq.ParquetFile(f).metadata.num_rows for f in tokens_files)
     rows = min(_ROWS, max(64, math.ceil(samples / len(sinks))))
     scores, counts, chunks = _collect_scores(tokens_files, utility_files, safety_files, rows)
+    pa.default_memory_pool().release_unused()  # pass 1's decode buffers: not kept through pass 2's peak
     discard = choose(scores, counts, cfg)
     stats = _write_mask(chunks, scores, discard, sinks)
     n, k = len(scores), int(np.count_nonzero(discard))
