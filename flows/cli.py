@@ -332,7 +332,8 @@ def select(
     ratio: Annotated[float, typer.Option(help="share of response tokens to DISCARD (paper: 0.1)")] = 0.1,
     mode: Annotated[str, typer.Option(help="global (paper), sample, or threshold")] = "global",
     threshold: Annotated[Optional[float], typer.Option(help="mode threshold: drop tokens with score > this")] = None,
-    mask_files: Annotated[int, typer.Option(help="write the mask as this many Parquet files, in parallel")] = 2,
+    mask_files: Annotated[Optional[int], typer.Option(
+        help="write the mask as this many Parquet files, in parallel [default: select.mask_files's, 2]")] = None,
 ) -> None:
     """Drop the response tokens with the highest loss_utility - loss_safety; write the mask and its stats."""
     from pydantic import ValidationError
@@ -341,7 +342,8 @@ def select(
     from toss_core.stages import produce_mask
 
     try:
-        cfg = SelectConfig(ratio=ratio, mode=mode, threshold=threshold, mask_files=mask_files)
+        files = {} if mask_files is None else {"mask_files": mask_files}
+        cfg = SelectConfig(ratio=ratio, mode=mode, threshold=threshold, **files)
     except ValidationError as e:
         _fail("; ".join(f"--{str(x['loc'][0]).replace('_', '-') if x['loc'] else 'mode'}: {x['msg']}"
                         for x in e.errors()))

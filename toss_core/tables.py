@@ -188,7 +188,7 @@ class RowStream:
 
     With `background=True` the files are read and decoded in a thread, a couple of batches ahead."""
 
-    def __init__(self, files: Sequence[str], columns: Sequence[str], batch_rows: int = 4096, filesystem=None,
+    def __init__(self, files: Sequence[str], columns: Sequence[str], batch_rows: int = ROWS_PER_GROUP, filesystem=None,
                  background: bool = False):
         self._batches = iter_batches(files, columns, batch_rows, filesystem)
         if background:
