@@ -70,18 +70,20 @@ class _Chunk:
         return np.unpackbits(self.resp_bits, count=self.n_tokens).astype(bool)
 
 
-def _token_count(files: Sequence[str], column: str) -> int:
-    """Values of a list column, from the Parquet footers alone (no data read)."""
-    total = 0
+def _footer_counts(files: Sequence[str], column: str) -> tuple[int, int]:
+    """(rows, values of the list column) of a sharded table, from the Parquet footers alone."""
+    rows = values = 0
     for f in files:
         md = pq.ParquetFile(f).metadata
+        rows += md.num_rows
         j = next((j for j in range(md.num_columns) if md.schema.column(j).path.startswith(column + ".")), None)
         if j is not None:
-            total += sum(md.row_group(g).column(j).num_values for g in range(md.num_row_groups))
-    return total
+            values += sum(md.row_group(g).column(j).num_values for g in range(md.num_row_groups))
+    return rows, values
 
 
-def _collect_scores(tokens_files, utility_files, safety_files, rows: int = _ROWS) -> tuple[np.ndarray, np.ndarray, list[_Chunk]]:
+def _collect_scores(tokens_files, utility_files, safety_files, rows: int,
+                    capacity: int) -> tuple[np.ndarray, np.ndarray, list[_Chunk]]:
     """Pass 1: S of every response token in (sample_id, position) order, response tokens per sample,
     and the compact chunk layout for pass 2.
 
@@ -91,7 +93,7 @@ def _collect_scores(tokens_files, utility_files, safety_files, rows: int = _ROWS
     toks = RowStream(tokens_files, ["sample_id", "ids_digest", "response_mask"], rows, background=True)
     util = RowStream(utility_files, ["sample_id", "ids_digest", "loss"], rows, background=True)
     safe = RowStream(safety_files, ["sample_id", "ids_digest", "loss"], rows, background=True)
-    scores = np.empty(_token_count(tokens_files, "response_mask"), np.float32)
+    scores = np.empty(capacity, np.float32)  # tokens in the table: an upper bound on response tokens
     n, chunks = 0, []
     while not toks.exhausted():
         t = toks.take(rows, exact=False)
@@ -282,9 +284,9 @@ def select_tokens(
     consecutive samples (a sharded table, as every reader accepts), written in parallel."""
     sinks = list(sink) if isinstance(sink, (list, tuple)) else [sink]
     # Chunks small enough that a small table still spreads over every file.
-    samples = sum(pq.ParquetFile(f).metadata.num_rows for f in tokens_files)
+    samples, tokens = _footer_counts(tokens_files, "response_mask")
     rows = min(_ROWS, max(64, math.ceil(samples / len(sinks))))
-    scores, counts, chunks = _collect_scores(tokens_files, utility_files, safety_files, rows)
+    scores, counts, chunks = _collect_scores(tokens_files, utility_files, safety_files, rows, tokens)
     pa.default_memory_pool().release_unused()  # pass 1's decode buffers: not kept through pass 2's peak
     discard = choose(scores, counts, cfg)
     stats = _write_mask(chunks, scores, discard, sinks)
