@@ -5,7 +5,7 @@
 l(i, t) = -log P(token t | tokens < t), stored at position t, NaN where t is not a response token.
 Three things make this fast and memory-flat, compared with scoring written as a training loop:
 - samples are grouped by length under a token budget, so a batch pads to its own longest sample
-  (not to a fixed 2048) and short samples are not dragged along with long ones;
+  (not to a fixed 2048), and no sample is shorter than 80% of that one (padding < 20%);
 - the output layer is applied only at positions that predict a response token (with a 49k vocabulary
   it is ~20% of the FLOPs, and the (batch, length, vocab) logits tensor is the memory peak);
 - each batch's losses go straight to the output arrays, so memory does not grow with the data set.
