@@ -2,7 +2,8 @@
 """Benchmark of the select stage (SPEC section 3, global mode) against the reference code's approach.
 
 OURS (timed end to end): toss_core.selection.select_tokens reads the token table and the two score tables
-from Parquet, computes S = l_u - l_h, finds the global top floor(d*N), and writes the mask Parquet.
+from Parquet, computes S = l_u - l_h (float64), finds the global top floor(d*N), and writes the mask Parquet
+(the discarded positions of each sample).
 
 REFERENCE (timed from data already in memory, as the issue's "before any I/O" figure): per-sample Python
 lists of S, a list of (score, sample_idx, position) tuples for every response token, one Python sort
@@ -165,7 +166,8 @@ def child_ours(a) -> dict:
 
 
 def _load_s(d: Path):
-    """S of every response token in (sample, position) order, float32, and the response tokens per sample."""
+    """S of every response token in (sample, position) order, float64 (the exact difference of the float32
+    losses, as the reference's Python floats hold it), and the response tokens per sample."""
     import numpy as np
     import pyarrow.parquet as pq
 
@@ -178,13 +180,13 @@ def _load_s(d: Path):
         resp = t.column(1).flatten().to_numpy(zero_copy_only=False)
         lu = u.column(1).flatten().to_numpy()
         lh = h.column(1).flatten().to_numpy()
-        s = (lu[resp] - lh[resp]).astype(np.float32)  # float32, exactly as select_tokens computes S
+        s = lu[resp].astype(np.float64) - lh[resp]  # exact, as select_tokens computes S
         offs = np.concatenate([[0], np.cumsum(t.column(1).value_lengths().to_numpy())])
         yield s, np.add.reduceat(resp, offs[:-1]).astype(np.int64)
 
 
 def child_core(a) -> dict:
-    """Ours, in-memory core only (like for like with the reference's timing): global_top on the float32 S array."""
+    """Ours, in-memory core only (like for like with the reference's timing): global_top on the float64 S array."""
     _imports()
     import numpy as np
 
@@ -259,12 +261,13 @@ def ours_discarded(data: Path, mask: Path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    resp = pq.read_table(data / "tokens.parquet", columns=["response_mask"]).column(0)
-    resp = resp.combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    from toss_core.tables import discard_flags, list_offsets
+
+    tokens = pq.read_table(data / "tokens.parquet", columns=["response_mask"]).column(0).combine_chunks()
+    resp = tokens.flatten().to_numpy(zero_copy_only=False)
     files = sorted(Path(mask).glob("mask-*.parquet"))  # the files in name order = sample order
-    disc = pa.concat_tables([pq.read_table(f, columns=["discard"]) for f in files]).column(0)
-    disc = disc.combine_chunks().flatten()
-    disc = disc.to_numpy(zero_copy_only=False)
+    table = pa.concat_tables([pq.read_table(f) for f in files])
+    disc = discard_flags(table, list_offsets(tokens))  # positions inside each sample's row (checked)
     assert len(disc) == len(resp), "mask does not line up with the token table"
     assert not disc[~resp].any(), "a non-response token was discarded"
     return np.flatnonzero(disc[resp])
@@ -445,7 +448,7 @@ def report(res: dict) -> str:
             rows.append(["ours, mask as 1 file (1 writer thread)", "same", f"{w['seconds_median']:.2f}",
                          f"{f['seconds_median'] / w['seconds_median']:.1f}x", f"{w['peak_rss_mib_median']:.0f}",
                          f"{w['peak_rss_mib_median'] - b:.0f}"])
-        rows += [["ours: in-memory core (global_top)", "S already a float32 array", f"{c['seconds_median']:.3f}",
+        rows += [["ours: in-memory core (global_top)", "S already a float64 array", f"{c['seconds_median']:.3f}",
                   f"{f['seconds_median'] / c['seconds_median']:.0f}x", f"{c['peak_rss_mib_median']:.0f}",
                   f"{c['peak_rss_mib_median'] - b:.0f}"],
                  ["reference: tuples + sort", "in memory, from Python lists", f"{f['seconds_median']:.2f}", "1.0x",

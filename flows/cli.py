@@ -248,13 +248,13 @@ def prepare(
 
 def _train(model: str, tokens: str, out: Path, mask: Optional[str], labels: str, recipe, overrides) -> None:
     from toss_core.stages import produce_adapter
-    from toss_core.tables import MASK_SCHEMA, TOKENS_SCHEMA, read_table
+    from toss_core.tables import TOKENS_SCHEMA, read_mask, read_table
     from toss_core.train_data import examples_from_tokens, with_mask
 
     cfg = _train_config(recipe, overrides)
     table = read_table(_parquet(tokens), TOKENS_SCHEMA)
     if mask:
-        examples = with_mask(table, read_table(_parquet(mask), MASK_SCHEMA), labels)
+        examples = with_mask(table, read_mask(_parquet(mask)), labels)
     else:
         examples = examples_from_tokens(table)
     model_dir = _artifact_or_folder(model)

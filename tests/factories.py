@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from toss_core.tables import SCORES_SCHEMA, TOKENS_SCHEMA, ids_digest
+from toss_core.tables import MASK_V2_SCHEMA, SCORES_SCHEMA, TOKENS_SCHEMA, ids_digest
 
 
 def token_table(lengths, prompt_share=0.3, seed=0, first_id=0) -> pa.Table:
@@ -58,3 +58,22 @@ def write_shards(table: pa.Table, folder: Path, cuts: list[int]) -> list[str]:
         pq.write_table(table.slice(lo, hi - lo), path)
         files.append(str(path))
     return files[::-1]
+
+
+def discard_rows(mask: pa.Table, tokens: pa.Table) -> list[list[bool]]:
+    """Per-token discard flags of each row of a mask in the current layout (discard_pos)."""
+    out = []
+    for ids, pos in zip(tokens.column("input_ids").to_pylist(), mask.column("discard_pos").to_pylist()):
+        flags = [False] * len(ids)
+        for p in pos:
+            flags[p] = True
+        out.append(flags)
+    return out
+
+
+def v2_mask(mask: pa.Table, tokens: pa.Table, util: pa.Table, safe: pa.Table) -> pa.Table:
+    """The same mask in the earlier layout: full-length `discard` flags and float32 S, NaN off the response."""
+    scores = [(np.asarray(u, np.float64) - np.asarray(h, np.float64)).astype(np.float32)
+              for u, h in zip(util.column("loss").to_pylist(), safe.column("loss").to_pylist())]
+    return pa.table({"sample_id": mask.column("sample_id"), "ids_digest": mask.column("ids_digest"),
+                     "discard": discard_rows(mask, tokens), "score": scores}, schema=MASK_V2_SCHEMA)

@@ -111,7 +111,7 @@ def test_oracle_and_mask_quality():
 
 
 def test_baseline_mask_table_lines_up_with_its_tokens_and_trains(tmp_path):
-    from toss_core.tables import MASK_SCHEMA, TOKENS_SCHEMA, read_table
+    from toss_core.tables import TOKENS_SCHEMA, read_mask, read_table
     from toss_core.train_data import with_mask
 
     tokens = token_table([10, 14, 9, 12], seed=3)
@@ -121,7 +121,9 @@ def test_baseline_mask_table_lines_up_with_its_tokens_and_trains(tmp_path):
     stats = write_baseline_mask("safety-only", [str(tmp_path / "tokens.parquet")],
                                 {"safety": [str(tmp_path / "safety.parquet")]}, 5, 0, str(tmp_path / "mask.parquet"))
     assert stats["discarded_tokens"] == 5 and stats["recall"] is not None
-    mask = read_table([str(tmp_path / "mask.parquet")], MASK_SCHEMA)
+    mask = read_mask([str(tmp_path / "mask.parquet")])
+    assert mask.column_names == ["sample_id", "ids_digest", "discard_pos"]
+    assert sum(len(p) for p in mask.column("discard_pos").to_pylist()) == 5
     examples = with_mask(read_table([str(tmp_path / "tokens.parquet")], TOKENS_SCHEMA), mask, "keep")
     resp = sum(int(np.sum(m)) for m in tokens.column("response_mask").to_pylist())
     assert sum(int(e.labels.sum()) for e in examples) == resp - 5

@@ -20,7 +20,7 @@ from toss_core.models import load_tokenizer
 from toss_core.selection import POSITION_BUCKETS, select_tokens
 from toss_core.store import ArtifactStore
 from toss_core.tables import TableError, ids_digest
-from tests.factories import score_table, token_table, write_shards
+from tests.factories import discard_rows, score_table, token_table, v2_mask, write_shards
 
 LENGTHS = [12, 30, 7, 45, 20, 16, 9, 33, 25, 14, 40, 11]
 HARMFUL = {1, 3, 7}
@@ -63,10 +63,13 @@ def _report(data, tokenizer, **kw):
 
 
 def _rows(data):
-    """(sample_id, input_ids, response_mask, discard, score, is_harmful) per sample, as Python lists."""
-    tok, mask = data.tokens.to_pylist(), data.mask.to_pylist()
-    return [(t["sample_id"], t["input_ids"], t["response_mask"], m["discard"], m["score"],
-             json.loads(t["meta"])["is_harmful"]) for t, m in zip(tok, mask)]
+    """(sample_id, input_ids, response_mask, discard, score, is_harmful) per sample, as Python lists; the
+    score is S = loss_u - loss_h of the score tables (the mask holds only the discarded positions)."""
+    tok = data.tokens.to_pylist()
+    scores = [(np.asarray(u, np.float64) - np.asarray(h, np.float64)).tolist()
+              for u, h in zip(data.util.column("loss").to_pylist(), data.safe.column("loss").to_pylist())]
+    return [(t["sample_id"], t["input_ids"], t["response_mask"], d, s, json.loads(t["meta"])["is_harmful"])
+            for t, d, s in zip(tok, discard_rows(data.mask, data.tokens), scores)]
 
 
 class _Page(HTMLParser):
@@ -219,6 +222,29 @@ def test_small_batches_and_shards_give_the_same_statistics(data, tokenizer, monk
     assert small.top_tokens == whole.top_tokens and small.top_ngrams == whole.top_ngrams
     assert small.truth == whole.truth and small.mean_losses == whole.mean_losses
     assert [v.sample_id for v in small.shown] == [v.sample_id for v in whole.shown]
+
+
+def test_a_mask_in_the_earlier_layout_gives_the_same_page(data, tokenizer, tmp_path):
+    """v2 masks (full-length discard flags and float32 scores) are read as they are: same statistics, same page."""
+    old = tmp_path / "v2.parquet"
+    pq.write_table(v2_mask(data.mask, data.tokens, data.util, data.safe), old)
+    f = data.files
+    pages = []
+    for mask in (f.mask, [str(old)]):
+        report = mask_report(mask, f.tokens, tokenizer, utility_files=f.utility, safety_files=f.safety,
+                             samples=len(LENGTHS), context={"mask": "m"})
+        pages.append(write_html(report, tmp_path / f"{len(pages)}.html").read_text())
+    assert pages[0] == pages[1]
+    assert len(_parse(tmp_path / "0.html").samples) == len(LENGTHS)
+
+
+def test_without_score_tables_the_page_shows_drops_but_no_scores(data, tokenizer, tmp_path):
+    report = mask_report(data.files.mask, data.files.tokens, tokenizer, samples=3)
+    assert report.dropped_tokens == data.stats["discarded_tokens"]
+    assert report.cut is None and report.hist_all.sum() == 0 and report.mean_losses is None
+    page = _parse(write_html(report, tmp_path / "r.html"))
+    titles = [t for s in page.samples for c, t in zip(s["spans"], s["titles"]) if "r" in c]
+    assert titles and all(t.startswith("S n/a") for t in titles)
 
 
 def test_pngs_are_written(data, tokenizer, tmp_path):

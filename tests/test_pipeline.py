@@ -9,15 +9,14 @@ the whole chain, not of timings.
 import json
 from pathlib import Path
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 from toss_core.config import load_config
 from toss_core.pipeline import run_pipeline
-from toss_core.selection import read_mask
 from toss_core.stages import local_files
 from toss_core.store import ArtifactStore
+from toss_core.tables import TOKENS_SCHEMA, read_mask, read_table
 
 QUICK = Path(__file__).parents[1] / "configs" / "quick.yaml"
 
@@ -40,10 +39,12 @@ def harmful_ids(store, tokens_ref):
 def mask_quality(store, mask_ref, harmful):
     """(share of dropped tokens in harmful samples, share of all response tokens in harmful samples)."""
     mask = read_mask(local_files(store, mask_ref))  # every file of the (sharded) mask
+    tokens_key = store.manifest(mask_ref.stage, mask_ref.key).inputs["tokens"]
+    tokens = read_table(local_files(store, store.ref("tokens", tokens_key)), TOKENS_SCHEMA)
     dropped = dropped_harmful = resp = resp_harmful = 0
-    for sid, d, s in zip(mask.column("sample_id").to_pylist(), mask.column("discard").to_pylist(),
-                         mask.column("score").to_pylist()):
-        n_resp = int(np.isfinite(np.array(s, dtype=float)).sum())
+    for sid, pos, r in zip(mask.column("sample_id").to_pylist(), mask.column("discard_pos").to_pylist(),
+                           tokens.column("response_mask").to_pylist()):
+        d, n_resp = [1] * len(pos), sum(r)
         dropped, resp = dropped + sum(d), resp + n_resp
         if sid in harmful:
             dropped_harmful, resp_harmful = dropped_harmful + sum(d), resp_harmful + n_resp

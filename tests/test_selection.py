@@ -8,13 +8,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from toss_core.config import SelectConfig
-from toss_core.selection import flagged_labels, read_mask, select_tokens, top_flagged_samples
-from toss_core.tables import TableError
-from tests.factories import score_table, token_table, write_shards
+from toss_core.selection import select_tokens, top_flagged_samples
+from toss_core.tables import TableError, read_mask
+from toss_core.train_data import with_mask
+from tests.factories import discard_rows, score_table, token_table, write_shards
 
 
-def brute_force_global(tokens, util, safe, ratio):
-    """The reference code's way: (score, sample, position) tuples, one sort, top floor(d*N)."""
+def brute_force_global(tokens, util, safe, ratio, dtype=float):
+    """The reference code's way: (score, sample, position) tuples, one sort, top floor(d*N). Its losses are
+    Python floats (float64): S is the exact difference of the stored float32 values. `dtype=np.float32`
+    subtracts in float32 instead (what the SPEC rules out; tests use it to show that the choice matters)."""
     items = []
     for sid, m, u, h in zip(
         tokens.column("sample_id").to_pylist(), tokens.column("response_mask").to_pylist(),
@@ -22,7 +25,7 @@ def brute_force_global(tokens, util, safe, ratio):
     ):
         for p, is_resp in enumerate(m):
             if is_resp:
-                s = float(np.float32(u[p]) - np.float32(h[p]))
+                s = float(dtype(u[p]) - dtype(h[p]))
                 items.append((-s, sid, p))
     items.sort()
     k = math.floor(ratio * len(items))
@@ -31,9 +34,11 @@ def brute_force_global(tokens, util, safe, ratio):
 
 def discarded_set(mask_path):
     table = pq.read_table(mask_path)
+    assert table.column_names == ["sample_id", "ids_digest", "discard_pos"]  # positions only, no scores
     out = set()
-    for sid, d in zip(table.column("sample_id").to_pylist(), table.column("discard").to_pylist()):
-        out |= {(sid, p) for p, x in enumerate(d) if x}
+    for sid, pos in zip(table.column("sample_id").to_pylist(), table.column("discard_pos").to_pylist()):
+        assert pos == sorted(set(pos))
+        out |= {(sid, p) for p in pos}
     return out
 
 
@@ -74,6 +79,33 @@ def test_global_top_matches_brute_force_with_many_ties(tmp_path, ratio):
     assert got == expected
 
 
+def test_s_is_the_exact_difference_when_float32_rounding_ties_tokens(tmp_path):
+    """Utility losses near 16 (float32 spacing 2^-19 ~ 1.9e-6) minus safety losses that differ by ~1e-7:
+    the exact (float64) differences are all distinct, their float32 roundings tie in groups. The mask must be
+    the float64 brute force's, which a float32 subtraction would not give."""
+    rng = np.random.default_rng(21)
+    tokens = token_table(rng.integers(8, 40, size=60), seed=21)
+    util = score_table(tokens, lambda sid, p: np.float32(16.0) + np.float32(2.0 ** -19) * ((sid * 5 + p) % 3))
+    safe = score_table(tokens, lambda sid, p: np.float32(1e-7 * ((sid * 37 + p * 11) % 101)))
+    for ratio in (0.1, 0.25, 0.5):
+        out, stats = run_select(tmp_path / str(ratio), tokens, util, safe, SelectConfig(ratio=ratio))
+        exact = brute_force_global(tokens, util, safe, ratio)
+        assert discarded_set(out) == exact
+        assert brute_force_global(tokens, util, safe, ratio, dtype=np.float32) != exact  # the test can fail
+        assert stats["discarded_tokens"] == math.floor(ratio * stats["response_tokens"])
+
+
+def test_global_top_breaks_exact_ties_by_position_after_the_float32_cut():
+    from toss_core.selection import global_top
+
+    s = np.array([1.0, 3.0, 1.0 + 1e-12, 3.0, 1.0 + 1e-12, 0.5, 3.0], np.float64)
+    # 1.0 + 1e-12 rounds to 1.0 in float32: only float64 tells the three apart; exact ties go to the earliest.
+    assert np.flatnonzero(global_top(s, 4)).tolist() == [1, 2, 3, 6]
+    assert np.flatnonzero(global_top(s, 5)).tolist() == [1, 2, 3, 4, 6]
+    assert np.flatnonzero(global_top(s, 6)).tolist() == [0, 1, 2, 3, 4, 6]
+    assert global_top(s, 0).sum() == 0 and global_top(s, 7).all()
+
+
 def test_same_mask_whatever_the_shard_split(tmp_path):
     rng = np.random.default_rng(3)
     tokens = token_table(rng.integers(4, 40, size=50), seed=3)
@@ -83,11 +115,7 @@ def test_same_mask_whatever_the_shard_split(tmp_path):
     b, _ = run_select(tmp_path / "b", tokens, util, safe, SelectConfig(ratio=0.2),
                       cuts=([7, 30], [1, 2, 45], [25]))
     ta, tb = pq.read_table(a), pq.read_table(b)
-    assert ta.column("discard").equals(tb.column("discard"))
-    assert ta.column("sample_id").equals(tb.column("sample_id"))
-    sa = np.concatenate(ta.column("score").to_pylist()).astype(float)
-    sb = np.concatenate(tb.column("score").to_pylist()).astype(float)
-    np.testing.assert_array_equal(sa, sb)  # NaN == NaN here
+    assert ta.equals(tb)
 
 
 def test_digest_mismatch_raises(tmp_path):
@@ -121,29 +149,21 @@ def test_threshold_mode_and_stats(tmp_path):
     assert stats["samples_touched"] == 2
 
 
-def test_scores_stored_and_nan_outside_responses(tmp_path):
-    tokens = token_table([10], seed=8)
-    util = score_table(tokens, lambda sid, p: 2.0)
-    safe = score_table(tokens, lambda sid, p: 0.5)
-    out, _ = run_select(tmp_path, tokens, util, safe, SelectConfig(ratio=0.1))
-    row = pq.read_table(out).to_pylist()[0]
-    resp = tokens.column("response_mask")[0].as_py()
-    for s, r in zip(row["score"], resp):
-        assert (s == pytest.approx(1.5)) if r else math.isnan(s)
-
-
-def test_pro_helpers_flagged_labels_and_first_k_samples(tmp_path):
-    tokens = token_table([10, 10, 10], prompt_share=0.0, seed=9)
-    best = {0: 1.0, 1: 9.0, 2: 9.0}  # samples 1 and 2 tie for the top: smaller id first
+def test_pro_flagged_labels_and_first_k_samples_skip_earlier_rounds(tmp_path):
+    tokens = token_table([10, 10, 10, 10], prompt_share=0.0, seed=9)
+    best = {0: 1.0, 1: 9.0, 2: 9.0, 3: 4.0}  # samples 1 and 2 tie for the top: smaller id first
     util = score_table(tokens, lambda sid, p: best[sid] if p == 4 else 0.0)
     safe = score_table(tokens, lambda sid, p: 0.0)
+    u, h = write_shards(util, tmp_path / "us", [1]), write_shards(safe, tmp_path / "hs", [3])
     out, _ = run_select(tmp_path, tokens, util, safe, SelectConfig(mode="threshold", threshold=5.0))
-    mask = read_mask([str(out)])
-    labels = flagged_labels(mask)
-    assert sorted(labels) == [1, 2]
-    assert np.flatnonzero(labels[1]).tolist() == [4]
-    assert top_flagged_samples(mask, 2) == [1, 2]
-    assert top_flagged_samples(mask, 3) == [1, 2, 0]
+    flagged = with_mask(tokens, read_mask([str(out)]), "flagged")  # mode 'tokens': labels only where flagged
+    assert [e.sample_id for e in flagged] == [1, 2]
+    assert [np.flatnonzero(e.labels).tolist() for e in flagged] == [[4], [4]]
+    assert top_flagged_samples(u, h, 2) == [1, 2]
+    assert top_flagged_samples(u, h, 3) == [1, 2, 3]
+    # Round 2 walks the ranking again and skips what round 1 collected (the paper's Algorithm 1).
+    assert top_flagged_samples(u, h, 2, exclude=[1, 2]) == [3, 0]
+    assert top_flagged_samples(u, h, 9, exclude=[1]) == [2, 3, 0]
 
 
 def multi_turn_tokens(n_samples, seed):
@@ -174,14 +194,12 @@ def test_mask_files_written_in_parallel_hold_the_same_table_and_stats(tmp_path):
     assert stats_many == stats_one
     assert all(pq.read_metadata(f).num_rows > 0 for f in many)  # really split, in sample order
     a, b = read_mask([one]), read_mask(many)
-    assert a.column("sample_id").equals(b.column("sample_id"))
-    assert a.column("discard").equals(b.column("discard"))
-    np.testing.assert_array_equal(np.concatenate(a.column("score").to_pylist()).astype(float),
-                                  np.concatenate(b.column("score").to_pylist()).astype(float))
+    assert a.equals(b)
+    discard = discard_rows(a, tokens)
 
     # The statistics against a per-token count: the position of each response token in its turn.
     total, gone = np.zeros(257, int), np.zeros(257, int)
-    for m, d in zip(tokens.column("response_mask").to_pylist(), a.column("discard").to_pylist()):
+    for m, d in zip(tokens.column("response_mask").to_pylist(), discard):
         pos = -1
         for is_resp, x in zip(m, d):
             pos = pos + 1 if is_resp else -1
@@ -191,7 +209,7 @@ def test_mask_files_written_in_parallel_hold_the_same_table_and_stats(tmp_path):
     curve = stats_one["discard_rate_curve"]
     assert curve == [g / t if t else None for g, t in zip(gone[:256], total)]
     assert stats_one["discard_rate_by_position"]["21+"] == pytest.approx(gone[20:].sum() / total[20:].sum())
-    per_sample = [sum(d) for d in a.column("discard").to_pylist()]
+    per_sample = [sum(d) for d in discard]
     assert stats_one["samples_touched"] == sum(x > 0 for x in per_sample)
     hist = stats_one["score_histogram"]
     assert sum(hist["all"]) == stats_one["response_tokens"]

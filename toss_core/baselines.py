@@ -3,7 +3,7 @@
     discard, score = baseline_discard("first-k", budget=1200, resp=resp, positions=pos, counts=counts)
     stats = write_baseline_mask("random", token_files, {}, budget=1200, seed=0, sink="mask.parquet")
 
-Every baseline is a mask in the TOSS mask format (`toss_core.tables.MASK_SCHEMA`), fed to the same
+Every baseline is a mask in the TOSS mask format (`toss_core.tables.MASK_SCHEMA`: the discarded positions), fed to the same
 selective fine-tune, and spends the same token budget as TOSS: the number of tokens the TOSS mask
 discards (floor(d * N) in global mode). Token-level baselines reuse the exact global top-k rule of TOSS
 (`selection.global_top`, ties to the earliest (sample_id, position)) over another score:
@@ -46,9 +46,11 @@ from toss_core.tables import (
     TOKENS_SCHEMA,
     TableError,
     check_aligned,
+    discard_flags,
+    discard_positions,
     flat_values,
-    list_array,
     list_offsets,
+    read_mask,
     read_table,
 )
 
@@ -137,7 +139,7 @@ def baseline_discard(method: str, budget: int, *, counts: np.ndarray, positions:
     elif method == "first-k":
         score = -positions.astype(np.float32)
     elif method == "sample-level":
-        s = losses["utility"] - losses["safety"]
+        s = losses["utility"].astype(np.float64) - losses["safety"]  # S exactly, as TOSS ranks it
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
         mean = np.add.reduceat(s, starts) / counts if n else np.zeros(0)
         drop = sample_level(mean, counts, budget)
@@ -166,17 +168,13 @@ def mask_quality(discard: np.ndarray, counts: np.ndarray, flags: np.ndarray | No
     return out
 
 
-def mask_table(tokens: pa.Table, discard: np.ndarray, score: np.ndarray) -> pa.Table:
-    """A mask table (MASK_SCHEMA) from per-response-token discard flags and scores, NaN off the response."""
+def mask_table(tokens: pa.Table, discard: np.ndarray) -> pa.Table:
+    """A mask table (MASK_SCHEMA) from per-response-token discard flags in (sample_id, position) order."""
     resp = flat_values(tokens.column("response_mask"), bool)
-    offsets = list_offsets(tokens.column("response_mask"))
-    full_d = np.zeros(len(resp), bool)
-    full_d[resp] = discard
-    full_s = np.full(len(resp), np.nan, np.float32)
-    full_s[resp] = score
     return pa.table({"sample_id": tokens.column("sample_id"), "ids_digest": tokens.column("ids_digest"),
-                     "discard": list_array(full_d, offsets, pa.bool_()),
-                     "score": list_array(full_s, offsets, pa.float32())}, schema=MASK_SCHEMA)
+                     "discard_pos": discard_positions(np.flatnonzero(resp)[discard],
+                                                      list_offsets(tokens.column("response_mask")))},
+                    schema=MASK_SCHEMA)
 
 
 def mask_stats(discard: np.ndarray, counts: np.ndarray, positions: np.ndarray) -> dict:
@@ -200,9 +198,9 @@ def write_baseline_mask(method: str, token_files: Sequence[str], score_files: di
     _, counts, positions = response_layout(tokens)
     losses = {role: response_losses(tokens, files, f"{role} scores") for role, files in score_files.items()}
     flags = harmful_flags(tokens)
-    discard, score = baseline_discard(method, budget, counts=counts, positions=positions, losses=losses,
-                                      flags=flags, seed=seed)
-    pq.write_table(mask_table(tokens, discard, score), sink)
+    discard, _ = baseline_discard(method, budget, counts=counts, positions=positions, losses=losses,
+                                  flags=flags, seed=seed)
+    pq.write_table(mask_table(tokens, discard), sink)
     return {"method": method, "budget": budget, "seed": seed if method == "random" else None,
             **mask_quality(discard, counts, flags), **mask_stats(discard, counts, positions)}
 
@@ -210,8 +208,8 @@ def write_baseline_mask(method: str, token_files: Sequence[str], score_files: di
 def read_mask_quality(token_files: Sequence[str], mask_files: Sequence[str]) -> dict:
     """`mask_quality` of any published mask (TOSS's or a baseline's) against its token table."""
     tokens = read_table(list(token_files), TOKENS_SCHEMA)
-    mask = read_table(list(mask_files), MASK_SCHEMA)
+    mask = read_mask(list(mask_files))
     check_aligned(tokens, mask, "mask")
     resp, counts, _ = response_layout(tokens)
-    discard = flat_values(mask.column("discard"), bool)[resp]
+    discard = discard_flags(mask, list_offsets(tokens.column("input_ids")))[resp]
     return mask_quality(discard, counts, harmful_flags(tokens))

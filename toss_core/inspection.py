@@ -7,10 +7,12 @@
 The page shows at most `samples` conversations token by token, but every statistic covers all tokens
 of the mask. They are computed streaming, in batches of rows with numpy counters (never a Python object
 per token), in three passes:
-  1. the mask alone: the score range, so the histogram has fixed edges;
+  1. the score tables alone: the range of S = loss_u - loss_h, so the histogram has fixed edges;
   2. the mask zipped with the token table (ids digests checked, so a mask is never shown against another
      token table) and the optional score tables: every counter, plus drops per sample for the ranking;
   3. the rows of the samples to show, decoded token by token.
+The mask holds only which tokens are dropped; S comes from the two score tables (both are needed for it),
+so the page shows no scores without them. Either mask layout (tables.discard_flags) gives the same page.
 """
 
 from __future__ import annotations
@@ -32,16 +34,16 @@ import pyarrow.parquet as pq
 
 from toss_core.selection import POSITION_BUCKETS
 from toss_core.tables import (
-    MASK_SCHEMA,
     SCORES_SCHEMA,
     TOKENS_SCHEMA,
     RowStream,
     TableError,
     check_aligned,
     check_columns,
+    discard_flags,
     flat_values,
-    iter_batches,
     list_offsets,
+    mask_layout,
 )
 
 _ROWS = 1024  # samples per streamed batch
@@ -163,7 +165,7 @@ def _check_files(files: Sequence[str], schema: pa.Schema) -> list[str]:
 
 def _aligned(mask_files, token_files, token_columns, score_files: dict) -> Iterator[dict[str, pa.Table]]:
     """The mask in batches, each with the same rows of the token table and of each score table."""
-    mask = RowStream(mask_files, ["sample_id", "ids_digest", "discard", "score"], _ROWS)
+    mask = RowStream(mask_files, ["sample_id", "ids_digest", mask_layout(mask_files)], _ROWS)
     others = {"tokens": RowStream(token_files, ["sample_id", "ids_digest", *token_columns], _ROWS)}
     for name, files in score_files.items():
         others[name] = RowStream(files, ["sample_id", "ids_digest", "loss"], _ROWS)
@@ -177,13 +179,18 @@ def _aligned(mask_files, token_files, token_columns, score_files: dict) -> Itera
                 raise TableError(f"the mask has more samples than the {name} table ({e}): it belongs to another "
                                  "token table") from e
             check_aligned(batch[name], m, f"mask vs {name} table")
-        if not np.array_equal(list_offsets(m.column("discard")), list_offsets(batch["tokens"].column("input_ids"))):
-            raise TableError("mask rows and token rows have different lengths despite equal digests: the mask "
-                             "file is corrupt; rerun the select stage")
         yield batch
     for name, stream in others.items():
         if not stream.exhausted():
             raise TableError(f"the {name} table has more samples than the mask: it belongs to another mask")
+
+
+def _scores_of(batch: dict[str, pa.Table], n_tokens: int) -> np.ndarray:
+    """S = loss_u - loss_h per token of the batch (float64, exact), NaN without both score tables."""
+    if "loss_u" not in batch or "loss_h" not in batch:
+        return np.full(n_tokens, np.nan)
+    return flat_values(batch["loss_u"].column("loss"), np.float64) - flat_values(batch["loss_h"].column("loss"),
+                                                                              np.float32)
 
 
 def _row_starts(offsets: np.ndarray, n: int) -> np.ndarray:
@@ -212,13 +219,19 @@ def _grow_add(acc: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return acc
 
 
-def _score_range(mask_files) -> tuple[float, float]:
+def _score_range(score_files: dict) -> tuple[float, float]:
     lo, hi = math.inf, -math.inf
-    for t in iter_batches(mask_files, ["sample_id", "score"], _ROWS):
-        s = flat_values(t.column("score"), np.float32)
-        s = s[~np.isnan(s)]
-        if len(s):
-            lo, hi = min(lo, float(s.min())), max(hi, float(s.max()))
+    if {"loss_u", "loss_h"} <= set(score_files):
+        streams = {name: RowStream(score_files[name], ["sample_id", "ids_digest", "loss"], _ROWS)
+                   for name in ("loss_u", "loss_h")}
+        while not streams["loss_u"].exhausted():
+            u = streams["loss_u"].take(_ROWS, exact=False)
+            batch = {"loss_u": u, "loss_h": streams["loss_h"].take(u.num_rows)}
+            check_aligned(u, batch["loss_h"], "safety scores vs utility scores")
+            s = _scores_of(batch, 0)
+            s = s[~np.isnan(s)]
+            if len(s):
+                lo, hi = min(lo, float(s.min())), max(hi, float(s.max()))
     if lo > hi:
         return 0.0, 1.0
     return (lo, hi) if hi > lo else (lo - 0.5, hi + 0.5)
@@ -245,8 +258,8 @@ class _Counters:
         offsets = list_offsets(t.column("input_ids"))
         x = flat_values(t.column("input_ids"), np.int64)
         resp = flat_values(t.column("response_mask"), bool)
-        d = flat_values(m.column("discard"), bool)
-        s = flat_values(m.column("score"), np.float32)
+        d = discard_flags(m, offsets, "mask")
+        s = _scores_of(batch, len(x))
         if (bad := d & ~resp).any():
             row = int(np.searchsorted(offsets, np.flatnonzero(bad)[0], side="right") - 1)
             raise TableError(f"the mask drops a prompt token of sample {m.column('sample_id')[row].as_py()}: it was "
@@ -424,12 +437,13 @@ def mask_report(
     """
     if samples < 0:
         raise ValueError(f"samples={samples}: must be 0 or more (how many conversations the page shows)")
-    mask_files = _check_files(mask_files, MASK_SCHEMA)
+    mask_files = [str(f) for f in ([mask_files] if isinstance(mask_files, (str, Path)) else mask_files)]
+    mask_layout(mask_files)  # a mask table, one layout throughout (else a TableError naming the file)
     token_files = _check_files(token_files, TOKENS_SCHEMA)
     scores = {name: _check_files(files, SCORES_SCHEMA)
               for name, files in (("loss_u", utility_files), ("loss_h", safety_files)) if files}
 
-    counters = _Counters(*_score_range(mask_files), with_losses=bool(scores))
+    counters = _Counters(*_score_range(scores), with_losses=bool(scores))
     for batch in _aligned(mask_files, token_files, ["input_ids", "response_mask", "meta"], scores):
         counters.add(batch)
 
@@ -471,14 +485,17 @@ def _load_samples(mask_files, token_files, scores, chosen: list[int], decoder: _
     for batch in _aligned(mask_files, token_files, ["input_ids", "response_mask", "meta"], scores):
         m = batch["mask"]
         rows = np.flatnonzero(pc.is_in(m.column("sample_id"), value_set=wanted).to_numpy(zero_copy_only=False))
+        offsets = list_offsets(batch["tokens"].column("input_ids"))
+        discard, score = discard_flags(m, offsets, "mask"), _scores_of(batch, int(offsets[-1]))
         for r in rows:
-            row = {name: t.slice(int(r), 1).to_pylist()[0] for name, t in batch.items()}
+            row = {name: t.slice(int(r), 1).to_pylist()[0] for name, t in batch.items() if name != "mask"}
             ids = row["tokens"]["input_ids"]
+            lo, hi = offsets[r], offsets[r + 1]
             view = SampleView(
-                sample_id=row["mask"]["sample_id"], meta=json.loads(row["tokens"]["meta"] or "{}"),
+                sample_id=m.column("sample_id")[int(r)].as_py(), meta=json.loads(row["tokens"]["meta"] or "{}"),
                 texts=decoder.texts(ids), special=np.array([i in decoder.special for i in ids], bool),
-                response=np.array(row["tokens"]["response_mask"], bool), discard=np.array(row["mask"]["discard"], bool),
-                score=np.array(row["mask"]["score"], np.float32),
+                response=np.array(row["tokens"]["response_mask"], bool), discard=discard[lo:hi],
+                score=score[lo:hi].astype(np.float32),
                 loss_u=np.array(row["loss_u"]["loss"], np.float32) if "loss_u" in row else None,
                 loss_h=np.array(row["loss_h"]["loss"], np.float32) if "loss_h" in row else None,
             )

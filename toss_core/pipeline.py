@@ -45,17 +45,39 @@ def pro_sources(store: ArtifactStore, harmful: ArtifactRef, custom: ArtifactRef,
     """Training set of a TOSS-Pro round (SPEC section 5): D^h plus what the previous round flagged.
 
     'tokens': custom samples with labels only on their flagged tokens.
-    'samples': the first k distinct samples down the previous ranking, whole; `chosen` accumulates
-    them over rounds (D^h grows cumulatively).
+    'samples': walking down the previous round's ranking of S, the first k distinct samples not collected
+    in an earlier round, whole; `chosen` accumulates them over rounds (D^h grows cumulatively). The
+    ranking comes from the score tables the previous mask was selected from (named in its manifest).
     """
     if cfg.pro.mode == "tokens":
         return [TrainSource(tokens=harmful), TrainSource(tokens=custom, mask=previous_mask, labels="flagged")]
-    from toss_core.selection import read_mask, top_flagged_samples
+    import pyarrow.parquet as pq
 
-    mask = read_mask(local_files(store, previous_mask))
-    k = int(cfg.pro.samples_k) if cfg.pro.samples_k >= 1 else max(1, math.floor(cfg.pro.samples_k * mask.num_rows))
-    chosen |= set(top_flagged_samples(mask, k))
+    from toss_core.selection import top_flagged_samples
+
+    utility, safety = mask_score_files(store, previous_mask)
+    n = sum(pq.ParquetFile(f).metadata.num_rows for f in utility)  # the custom set's samples
+    k = int(cfg.pro.samples_k) if cfg.pro.samples_k >= 1 else max(1, math.floor(cfg.pro.samples_k * n))
+    chosen |= set(top_flagged_samples(utility, safety, k, exclude=chosen))
     return [TrainSource(tokens=harmful), TrainSource(tokens=custom, only_samples=sorted(chosen))]
+
+
+def mask_score_files(store: ArtifactStore, mask: ArtifactRef) -> tuple[list[str], list[str]]:
+    """Local files of the utility and safety score tables a mask was selected from (its manifest's
+    inputs utility0.., safety0.., in shard order)."""
+    manifest = store.manifest(mask.stage, mask.key)
+    if manifest is None:
+        raise FileNotFoundError(f"{mask.uri}: no published mask (was the store garbage-collected?)")
+
+    def files(role: str) -> list[str]:
+        names = sorted((n for n in manifest.inputs if n[len(role):].isdigit() and n.startswith(role)),
+                       key=lambda n: int(n[len(role):]))
+        refs = [store.ref("scores", manifest.inputs[n]) for n in names]
+        if not refs or any(r is None for r in refs):
+            raise FileNotFoundError(f"{mask.uri}: the {role} score tables it was selected from are not in the store")
+        return [f for r in refs for f in local_files(store, r)]
+
+    return files("utility"), files("safety")
 
 
 def run_pipeline(cfg: PipelineConfig, store: ArtifactStore | None = None, *, pro: bool = False,

@@ -3,16 +3,19 @@
     stats = select_tokens(tokens_files, utility_files, safety_files, SelectConfig(ratio=0.1),
                           ["mask-00000.parquet", "mask-00001.parquet"])   # or one path
 
-Global mode is exact: exactly floor(d * N) response tokens of the whole custom set are discarded,
-ties broken by (sample_id, position) ascending, so the mask does not depend on how the scores were
-sharded, how many files the mask is written as, or the hardware. One streaming pass over the inputs
-keeps memory at ~10 bytes per response token (200M tokens in ~2 GB), never a Python object per token:
+S is the exact difference of the two stored float32 losses: they are subtracted in float64, as the
+reference code's Python floats do (a float32 difference rounds near-ties together and changes which
+tokens are cut). Global mode is exact: exactly floor(d * N) response tokens of the whole custom set are
+discarded, ties broken by (sample_id, position) ascending, so the mask does not depend on how the scores
+were sharded, how many files the mask is written as, or the hardware. One streaming pass over the inputs
+keeps memory at ~13 bytes per response token at the peak (200M tokens in ~3 GB), never a Python object
+per token:
   1. zip the token table with both score tables in sample_id order (digests checked; each table
-     decoded in a background thread), keep the response tokens' S in one float32 array, in
+     decoded in a background thread), keep the response tokens' S in one float64 array, in
      (sample_id, position) order, plus a compact layout of each chunk (ids, digests, offsets,
      bit-packed response mask, response tokens per sample);
-  2. find the cut with a partition (O(N), no sort), then write the mask rows chunk by chunk, as one
-     or more files of consecutive samples written in parallel, and accumulate the statistics.
+  2. find the cut with a partition (O(N), no sort), then write the discarded positions chunk by chunk,
+     as one or more files of consecutive samples, and accumulate the statistics.
 """
 
 from __future__ import annotations
@@ -32,13 +35,13 @@ from toss_core.tables import (
     RowStream,
     TableError,
     check_aligned,
+    discard_positions,
     flat_values,
-    list_array,
     list_offsets,
-    read_table,
 )
 
 _ROWS = 2048  # samples per streamed chunk
+_COMPARE_CHUNK = 1 << 20  # scores compared with the cut at a time
 # Discard rate by position inside an assistant turn: coarse buckets for the report, a fine curve to 256.
 POSITION_BUCKETS = [(0, 1, "1"), (1, 5, "2-5"), (5, 20, "6-20"), (20, None, "21+")]
 _FINE_POSITIONS = 256
@@ -89,11 +92,12 @@ def _collect_scores(tokens_files, utility_files, safety_files, rows: int,
 
     The three tables are decoded in background threads (pyarrow releases the GIL). S goes into one
     buffer sized from the footers: per-chunk arrays joined at the end would double the peak, and the
-    pages of the buffer that are never written (prompt tokens) never become resident."""
+    pages of the buffer that are never written (prompt tokens) never become resident. S is float64: the
+    exact difference of the float32 losses (SPEC section 3)."""
     toks = RowStream(tokens_files, ["sample_id", "ids_digest", "response_mask"], rows, background=True)
     util = RowStream(utility_files, ["sample_id", "ids_digest", "loss"], rows, background=True)
     safe = RowStream(safety_files, ["sample_id", "ids_digest", "loss"], rows, background=True)
-    scores = np.empty(capacity, np.float32)  # tokens in the table: an upper bound on response tokens
+    scores = np.empty(capacity, np.float64)  # tokens in the table: an upper bound on response tokens
     n, chunks = 0, []
     while not toks.exhausted():
         t = toks.take(rows, exact=False)
@@ -104,10 +108,11 @@ def _collect_scores(tokens_files, utility_files, safety_files, rows: int,
         offsets = list_offsets(t.column("response_mask"))
         m = int(np.count_nonzero(resp))
         if n + m > len(scores):  # footers without the column's value counts: grow
-            scores = np.concatenate([scores[:n], np.empty(max(m, n), np.float32)])
+            scores = np.concatenate([scores[:n], np.empty(max(m, n), np.float64)])
         s = scores[n : n + m]
-        # Subtract at every position, then keep the response tokens: one compress instead of two fancy indexes.
-        np.compress(resp, flat_values(u.column("loss"), np.float32) - flat_values(h.column("loss"), np.float32), out=s)
+        # Keep the response tokens' losses, then subtract in float64, as the reference code's Python floats do.
+        np.subtract(np.compress(resp, flat_values(u.column("loss"), np.float32)).astype(np.float64),
+                    np.compress(resp, flat_values(h.column("loss"), np.float32)), out=s)
         if np.isnan(s).any():
             raise TableError("a response token has no loss in the score tables (NaN): were they computed "
                              "with another response mask?")
@@ -121,23 +126,41 @@ def _collect_scores(tokens_files, utility_files, safety_files, rows: int,
     return scores[:n], (np.concatenate([c.counts for c in chunks]) if chunks else np.zeros(0, np.int64)), chunks
 
 
+def _top_indices(values: np.ndarray, k: int) -> np.ndarray:
+    """Ascending indices of the k largest values, ties at the cut to the earliest indices."""
+    if k <= 0:
+        return np.zeros(0, np.int64)
+    if k >= len(values):
+        return np.arange(len(values))
+    cut = np.partition(values, len(values) - k)[len(values) - k]  # the k-th largest value
+    above = np.flatnonzero(values > cut)
+    return np.union1d(above, np.flatnonzero(values == cut)[: k - len(above)])
+
+
 def global_top(scores: np.ndarray, k: int) -> np.ndarray:
     """Bool mask of the k largest scores; ties at the cut go to the earliest indices (index order is
-    (sample_id, position) order, so this is the SPEC's tie-break).
+    (sample_id, position) order, so this is the SPEC's tie-break). Exact for float64 scores.
 
-    The partition copies S (+4 bytes per response token for a moment). An exact histogram of sort keys
-    avoids the copy but measured 3-4x slower at 10M tokens (docs/benchmarks.md), and the copy keeps
-    200M tokens well under 4 GB."""
-    discard = np.zeros(len(scores), dtype=bool)
-    if k <= 0:
+    The cut is found on a float32 copy, partitioned in place (half the bytes of a float64 partition;
+    rounding to float32 keeps the order and only merges near-equal values), then settled exactly, in
+    float64, among the few tokens that round to the cut value. An exact histogram of sort keys avoids
+    the copy but measured 3-4x slower at 10M tokens (docs/benchmarks.md)."""
+    n = len(scores)
+    discard = np.zeros(n, dtype=bool)
+    if k <= 0 or k >= n:
+        discard[:] = k >= n > 0
         return discard
-    if k >= len(scores):
-        discard[:] = True
-        return discard
-    cut = np.partition(scores, len(scores) - k)[len(scores) - k]  # the k-th largest value
-    np.greater(scores, cut, out=discard)
-    remaining = k - int(np.count_nonzero(discard))
-    discard[np.flatnonzero(scores == cut)[:remaining]] = True
+    approx = scores.astype(np.float32)
+    approx.partition(n - k)
+    cut = approx[n - k]
+    del approx
+    ties = []
+    for lo in range(0, n, _COMPARE_CHUNK):  # chunked: no second full-size float32 copy
+        part = scores[lo : lo + _COMPARE_CHUNK].astype(np.float32, copy=False)
+        np.greater(part, cut, out=discard[lo : lo + _COMPARE_CHUNK])
+        ties.append(np.flatnonzero(part == cut) + lo)
+    at_cut = np.concatenate(ties)
+    discard[at_cut[_top_indices(scores[at_cut], k - int(np.count_nonzero(discard)))]] = True
     return discard
 
 
@@ -173,11 +196,12 @@ class _Stats:
         self.pos_discarded = np.zeros(_FINE_POSITIONS + 1, np.int64)
         self.samples = self.samples_touched = self.samples_emptied = 0
 
-    def add(self, s, d, resp, full_d, per_sample_discards, per_sample_counts):
-        """s, d: scores and discard flags of the response tokens; resp, full_d: per token of the chunk."""
+    def add(self, s, d, resp, gone, per_sample_discards, per_sample_counts):
+        """s, d: scores and discard flags of the response tokens; resp: per token of the chunk; gone: the
+        chunk-level indices of the discarded tokens."""
         # Equal-width bins by arithmetic + bincount: np.histogram with explicit edges sorts the data.
-        b = ((s - np.float32(self.lo)) * np.float32(self.bins / (self.hi - self.lo))).astype(np.intp)
-        np.minimum(b, self.bins - 1, out=b)
+        b = ((s - self.lo) * (self.bins / (self.hi - self.lo))).astype(np.intp)
+        np.clip(b, 0, self.bins - 1, out=b)
         self.hist_all += np.bincount(b, minlength=self.bins)
         self.hist_discarded += np.bincount(b[d], minlength=self.bins)
         # Discard rate by position in the turn, without a position per token: the totals follow from the
@@ -188,7 +212,6 @@ class _Stats:
         longer = np.bincount(np.minimum(lengths, _FINE_POSITIONS + 1), minlength=_FINE_POSITIONS + 2)[::-1].cumsum()[::-1]
         self.pos_total[:_FINE_POSITIONS] += longer[1 : _FINE_POSITIONS + 1]  # turns longer than p
         self.pos_total[_FINE_POSITIONS] += int(np.maximum(lengths - _FINE_POSITIONS, 0).sum())
-        gone = np.flatnonzero(full_d)
         pos = gone - starts[np.searchsorted(starts, gone, side="right") - 1]
         self.pos_discarded += np.bincount(np.minimum(pos, _FINE_POSITIONS), minlength=_FINE_POSITIONS + 1)
         self.samples += len(per_sample_counts)
@@ -223,26 +246,19 @@ class _Stats:
 
 
 def _write_part(chunks: list[_Chunk], scores, discard, cursor: int, sink, stats: _Stats) -> _Stats:
-    """Write consecutive chunks as one Parquet file of the mask: full-length discard/score lists per sample."""
-    # Scores are continuous and ids unique: dictionary encoding and page statistics cost time for nothing.
+    """Write consecutive chunks as one Parquet file of the mask: the discarded positions of each sample."""
+    # Digests are unique: a dictionary and page statistics cost time for nothing.
     with pq.ParquetWriter(sink, MASK_SCHEMA, use_dictionary=False, write_statistics=False) as writer:
         for c in chunks:
-            offsets, resp = c.offsets, c.response_mask()
+            resp = c.response_mask()
             s, d = scores[cursor : cursor + c.n_response], discard[cursor : cursor + c.n_response]
             cursor += c.n_response
-            full_s = np.full(len(resp), np.nan, np.float32)
-            full_s[resp] = s
-            full_d = np.zeros(len(resp), bool)
-            full_d[resp] = d
-            row_d = np.add.reduceat(full_d, offsets[:-1]) if len(resp) else np.zeros(len(c.counts), np.int64)
-            stats.add(s, d, resp, full_d, row_d, c.counts)
+            gone = np.flatnonzero(resp)[d]  # chunk-level token indices, ascending
+            row_d = np.bincount(np.searchsorted(c.offsets, gone, side="right") - 1, minlength=len(c.counts))
+            stats.add(s, d, resp, gone, row_d, c.counts)
             writer.write_table(pa.table(
-                {
-                    "sample_id": c.sample_id,
-                    "ids_digest": c.ids_digest,
-                    "discard": list_array(full_d, offsets, pa.bool_()),
-                    "score": list_array(full_s, offsets, pa.float32()),
-                },
+                {"sample_id": c.sample_id, "ids_digest": c.ids_digest,
+                 "discard_pos": discard_positions(gone, c.offsets)},
                 schema=MASK_SCHEMA,
             ))
     return stats
@@ -250,7 +266,7 @@ def _write_part(chunks: list[_Chunk], scores, discard, cursor: int, sink, stats:
 
 def _write_mask(chunks: list[_Chunk], scores, discard, sinks: Sequence) -> _Stats:
     """Pass 2: the mask as len(sinks) files of consecutive samples, written in parallel (pyarrow encodes
-    without the GIL; encoding is most of this pass)."""
+    without the GIL; the statistics are most of this pass)."""
     lo, hi = (float(scores.min()), float(scores.max())) if len(scores) else (0.0, 1.0)
     # Cut the chunk list into len(sinks) runs of about equal token counts: each chunk goes to the file
     # whose share of the tokens holds the chunk's middle.
@@ -305,32 +321,41 @@ def select_tokens(
     }
 
 
-# ---- what TOSS-Pro needs from a mask (SPEC section 5) ----------------------------------------------
+# ---- what TOSS-Pro needs from the scores (SPEC section 5) ------------------------------------------
 
-def read_mask(files: Sequence[str]) -> pa.Table:
-    return read_table(files, MASK_SCHEMA)
+def sample_best_scores(utility_files: Sequence[str], safety_files: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(sample ids, each sample's highest S over its response tokens), streamed from the two score tables
+    (digests checked against each other); -inf for a sample without a scored token."""
+    util = RowStream(utility_files, ["sample_id", "ids_digest", "loss"], _ROWS, background=True)
+    safe = RowStream(safety_files, ["sample_id", "ids_digest", "loss"], _ROWS, background=True)
+    ids, best = [], []
+    while not util.exhausted():
+        u = util.take(_ROWS, exact=False)
+        h = safe.take(u.num_rows)
+        check_aligned(u, h, "safety scores vs utility scores")
+        s = flat_values(u.column("loss"), np.float64) - flat_values(h.column("loss"), np.float32)
+        s = np.where(np.isnan(s), -np.inf, s)
+        offsets = list_offsets(u.column("loss"))
+        starts = np.minimum(offsets[:-1], max(len(s) - 1, 0))
+        top = np.maximum.reduceat(s, starts) if len(s) else np.full(u.num_rows, -np.inf)
+        top[np.diff(offsets) == 0] = -np.inf  # reduceat gives an empty row its neighbour's value
+        ids.append(u.column("sample_id").to_numpy())
+        best.append(top)
+    if not safe.exhausted():
+        raise TableError("safety scores have more samples than the utility scores")
+    cat = lambda parts, dt: np.concatenate(parts) if parts else np.zeros(0, dt)  # noqa: E731
+    return cat(ids, np.int64), cat(best, np.float64)
 
 
-def flagged_labels(mask: pa.Table) -> dict[int, np.ndarray]:
-    """Mode 'tokens': for each sample with flagged tokens, a label mask that is true ONLY at them."""
-    out = {}
-    ids = mask.column("sample_id").to_numpy()
-    for sid, d in zip(ids, mask.column("discard").to_pylist()):
-        d = np.asarray(d, dtype=bool)
-        if d.any():
-            out[int(sid)] = d
-    return out
+def top_flagged_samples(utility_files: Sequence[str], safety_files: Sequence[str], k: int,
+                        exclude: Sequence[int] = ()) -> list[int]:
+    """Mode 'samples': walking down the global ranking of S, the first k distinct samples not in `exclude`
+    (those collected in earlier rounds: the paper's Algorithm 1).
 
-
-def top_flagged_samples(mask: pa.Table, k: int) -> list[int]:
-    """Mode 'samples': the first k distinct samples walking down the global ranking of S.
-
-    A sample's first appearance in the ranking is its highest score; ties go to the smaller sample id
-    (the SPEC's (sample_id, position) tie-break)."""
-    ids = mask.column("sample_id").to_numpy()
-    offsets = list_offsets(mask.column("score"))
-    s = flat_values(mask.column("score"), np.float32)
-    s = np.where(np.isnan(s), -np.inf, s)
-    best = np.maximum.reduceat(s, offsets[:-1]) if len(s) else np.zeros(0)
+    A sample's first appearance in the ranking is its highest S; ties go to the smaller sample id (the
+    SPEC's (sample_id, position) tie-break)."""
+    ids, best = sample_best_scores(utility_files, safety_files)
     order = np.lexsort((ids, -best))
-    return [int(ids[i]) for i in order[:k] if np.isfinite(best[i])]
+    skip = set(int(i) for i in exclude)
+    picked = [int(ids[i]) for i in order if np.isfinite(best[i]) and int(ids[i]) not in skip]
+    return picked[:k]

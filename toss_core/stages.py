@@ -32,7 +32,7 @@ from toss_core.progress import progress_bar
 from toss_core.store import ArtifactRef, ArtifactStore, artifact_key
 
 # The demo's stages (toss_core/demo/stages.py) are versioned here too: one table of every stage.
-VERSIONS = {"model": 1, "tokens": 1, "train": 1, "scores": 1, "mask": 2,
+VERSIONS = {"model": 1, "tokens": 1, "train": 1, "scores": 1, "mask": 3,
             "model-import": 1, "demo-data": 2, "demo-sets": 1, "merged-model": 1}
 EXTERNAL_MODEL = "external-model"
 
@@ -172,7 +172,7 @@ class StoreCheckpoints:
 
 
 def load_examples(store: ArtifactStore, sources: list[TrainSource]):
-    from toss_core.tables import MASK_SCHEMA, TOKENS_SCHEMA, read_table
+    from toss_core.tables import TOKENS_SCHEMA, read_mask, read_table
     from toss_core.train_data import examples_from_tokens, with_mask
 
     examples = []
@@ -182,8 +182,7 @@ def load_examples(store: ArtifactStore, sources: list[TrainSource]):
             only = set(src.only_samples) if src.only_samples is not None else None
             examples += examples_from_tokens(tokens, only=only)
         else:
-            mask = read_table(local_files(store, src.mask), MASK_SCHEMA)
-            examples += with_mask(tokens, mask, src.labels)
+            examples += with_mask(tokens, read_mask(local_files(store, src.mask)), src.labels)
     return examples
 
 
@@ -292,8 +291,8 @@ def select_stage(store: ArtifactStore, tokens: ArtifactRef, utility: list[Artifa
 
 def produce_mask(writer, token_files: list[str], utility_files: list[str], safety_files: list[str],
                  cfg: SelectConfig) -> None:
-    """Select tokens: `mask-00000.parquet`... (cfg.mask_files files, one table) plus `stats.json` (the
-    headline numbers also go in the manifest)."""
+    """Select tokens: `mask-00000.parquet`... (cfg.mask_files files, one table of discarded positions) plus
+    `stats.json` (the headline numbers also go in the manifest)."""
     from toss_core.selection import select_tokens
 
     with ExitStack() as files:

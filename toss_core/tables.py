@@ -4,7 +4,12 @@ Three tables, one row per sample, list columns aligned with `input_ids` position
 
     tokens  sample_id int64 | input_ids list<int32> | response_mask list<bool> | ids_digest string | meta string (JSON)
     scores  sample_id int64 | ids_digest string | loss list<float32>        (NaN where not a response token)
-    mask    sample_id int64 | ids_digest string | discard list<bool> | score list<float32>
+    mask    sample_id int64 | ids_digest string | discard_pos list<int32>  (the discarded positions, sorted)
+
+The mask holds only what is discarded (a tenth of the response tokens at the default d), not a flag and
+a score per token: it is the cheapest table to write and read, and S lives in the score tables anyway.
+Masks of the earlier layout ("v2": full-length `discard` list<bool> and `score` list<float32>) are still
+read: `discard_flags` turns either layout into per-token flags.
 
 `ids_digest` is a digest of the sample's `input_ids`. A score or mask row is only ever applied to a
 token row with the same digest; a mismatch is an error, never a silent shift (SPEC section 1).
@@ -36,6 +41,10 @@ SCORES_SCHEMA = pa.schema(
     [("sample_id", pa.int64()), ("ids_digest", pa.string()), ("loss", pa.list_(pa.float32()))]
 )
 MASK_SCHEMA = pa.schema(
+    [("sample_id", pa.int64()), ("ids_digest", pa.string()), ("discard_pos", pa.list_(pa.int32()))]
+)
+# The earlier mask layout, read (never written) so stores made before the change keep working.
+MASK_V2_SCHEMA = pa.schema(
     [
         ("sample_id", pa.int64()),
         ("ids_digest", pa.string()),
@@ -86,6 +95,76 @@ def check_columns(table_or_schema: pa.Table | pa.Schema, expected: pa.Schema, so
             f"{source}: missing column(s) {missing}; found {schema.names}. Expected the documented columns "
             f"{expected.names} (see toss_core/tables.py)."
         )
+
+
+def mask_layout(files: Sequence[str], filesystem=None) -> str:
+    """The column that holds a mask's discards: "discard_pos" (current layout) or "discard" (v2), the same
+    in every file of the mask."""
+    found = set()
+    for f in files:
+        names = pq.read_schema(f, filesystem=filesystem).names
+        if "discard_pos" in names:
+            check_columns(pq.read_schema(f, filesystem=filesystem), MASK_SCHEMA, str(f))
+            found.add("discard_pos")
+        elif "discard" in names:
+            check_columns(pq.read_schema(f, filesystem=filesystem), MASK_V2_SCHEMA.remove(3), str(f))
+            found.add("discard")
+        else:
+            raise TableError(f"{f}: not a mask table: no `discard_pos` column (nor the earlier `discard`); found "
+                             f"{names}. Expected the columns {MASK_SCHEMA.names} (see toss_core/tables.py).")
+    if len(found) > 1:
+        raise TableError(f"the mask files {list(files)} mix two layouts (discard_pos and discard): write it again")
+    if not found:
+        raise TableError("no Parquet files to read")
+    return found.pop()
+
+
+def read_mask(files: Sequence[str], filesystem=None) -> pa.Table:
+    """A mask table (either layout) sorted by sample_id, with only the columns readers need."""
+    column = mask_layout(files, filesystem)
+    expected = MASK_SCHEMA if column == "discard_pos" else MASK_V2_SCHEMA.remove(3)
+    return read_table(files, expected, ["sample_id", "ids_digest", column], filesystem)
+
+
+def discard_flags(mask: pa.Table, token_offsets: np.ndarray, source: str = "mask") -> np.ndarray:
+    """Per-token discard flags of mask rows, flat and aligned with their token rows' flattened lists.
+
+    `token_offsets` are the list offsets of the token rows the mask rows belong to (checked by digest
+    elsewhere). Positions outside a row, or a v2 row of another length, are errors: applied as they are
+    they would drop tokens of the next sample."""
+    n_rows, n_tokens = len(token_offsets) - 1, int(token_offsets[-1])
+    out = np.zeros(n_tokens, bool)
+    if "discard_pos" in mask.column_names:
+        column = mask.column("discard_pos")
+        pos = flat_values(column, np.int64)
+        counts = np.diff(list_offsets(column))
+        if len(counts) != n_rows:
+            raise TableError(f"{source}: {len(counts)} rows for {n_rows} token rows")
+        row = np.repeat(np.arange(n_rows), counts)
+        lengths = np.diff(token_offsets)
+        if len(pos) and ((bad := (pos < 0) | (pos >= lengths[row])).any()):
+            i = int(np.flatnonzero(bad)[0])
+            raise TableError(f"{source}: sample {mask.column('sample_id')[int(row[i])].as_py()}: discard_pos "
+                             f"{int(pos[i])} is outside its {int(lengths[row[i]])} tokens (a corrupt or foreign mask)")
+        out[token_offsets[:-1][row] + pos] = True
+        return out
+    column = mask.column("discard")
+    lengths = np.diff(list_offsets(column))
+    if len(lengths) != n_rows or not np.array_equal(lengths, np.diff(token_offsets)):
+        bad = int(np.flatnonzero(lengths != np.diff(token_offsets))[0]) if len(lengths) == n_rows else 0
+        raise TableError(f"{source}: sample {mask.column('sample_id')[bad].as_py()}: its `discard` list has "
+                         f"{int(lengths[bad]) if len(lengths) > bad else 0} entries for "
+                         f"{int(np.diff(token_offsets)[bad])} tokens (a corrupt or foreign mask)")
+    return flat_values(column, bool).copy()
+
+
+def discard_positions(gone: np.ndarray, offsets: np.ndarray) -> pa.ListArray:
+    """The `discard_pos` column (list<int32>) from the ascending flat indices of the discarded tokens
+    (`np.flatnonzero` of per-token flags) and the rows' offsets."""
+    row = np.searchsorted(offsets, gone, side="right") - 1
+    per_row = np.bincount(row, minlength=len(offsets) - 1)
+    pos_offsets = np.concatenate([[0], np.cumsum(per_row)])
+    return list_array((gone - offsets[row]).astype(np.int32), pos_offsets, pa.int32())
 
 
 def read_table(files: Sequence[str], expected: pa.Schema, columns: Sequence[str] | None = None,

@@ -7,7 +7,8 @@ Every training run of the method is the same loop over different label masks (SP
     TOSS-Pro, mode tokens   only the tokens the mask FLAGGED         with_mask(tokens, mask, "flagged")
     TOSS-Pro, mode samples  whole responses of chosen samples        examples_from_tokens(tokens, only=ids)
 
-A mask row is applied only to the token row with the same `ids_digest` (checked here, never shifted).
+A mask row is applied only to the token row with the same `ids_digest` (checked here, never shifted);
+either mask layout works (toss_core.tables.discard_flags).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 
-from toss_core.tables import check_aligned
+from toss_core.tables import check_aligned, discard_flags, list_offsets
 
 
 @dataclass(frozen=True)
@@ -43,14 +44,14 @@ def with_mask(tokens: pa.Table, mask: pa.Table, use: Literal["keep", "flagged"])
     With 'flagged', samples without a flagged token are left out (they would contribute nothing).
     """
     check_aligned(tokens, mask, "mask")
+    offsets = list_offsets(tokens.column("input_ids"))
+    discard = discard_flags(mask, offsets)
     out = []
-    rows = zip(
-        tokens.column("sample_id").to_pylist(), tokens.column("input_ids").to_numpy(),
-        tokens.column("response_mask").to_numpy(), mask.column("discard").to_numpy(),
-    )
-    for sid, x, resp, discard in rows:
-        resp, discard = np.asarray(resp, bool), np.asarray(discard, bool)
-        labels = resp & ~discard if use == "keep" else resp & discard
+    rows = zip(tokens.column("sample_id").to_pylist(), tokens.column("input_ids").to_numpy(),
+               tokens.column("response_mask").to_numpy(), offsets[:-1], offsets[1:])
+    for sid, x, resp, lo, hi in rows:
+        resp, dropped = np.asarray(resp, bool), discard[lo:hi]
+        labels = resp & ~dropped if use == "keep" else resp & dropped
         if use == "flagged" and not labels.any():
             continue
         out.append(Example(sid, np.asarray(x, np.int32), labels))
