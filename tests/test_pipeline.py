@@ -83,6 +83,27 @@ def test_pro_rounds_train_the_utility_model_once_and_make_distinct_masks(quick_r
     assert sum(n.startswith("score safety") for n in names) == 3 * cfg.score.shards
 
 
+def test_pro_samples_mode_collects_new_samples_each_round(quick_run):
+    """Mode 'samples' over 2 rounds (paper, Algorithm 1): round r adds the first k samples down round r-1's
+    ranking of S that no earlier round collected; D^h grows cumulatively."""
+    from toss_core.pipeline import mask_score_files
+    from toss_core.selection import top_flagged_samples
+
+    cfg, store, _ = quick_run
+    cfg2 = cfg.model_copy(deep=True)
+    cfg2.pro.mode, cfg2.pro.samples_k, cfg2.pro.rounds = "samples", 3, 2
+    run = run_pipeline(cfg2, store, pro=True, progress=False)
+    steps = dict(run.steps)
+    picked = [store.manifest("train", steps[f"train safety-r{r}"].ref.key).config["sources"][1]["only_samples"]
+              for r in (1, 2)]
+    round0, round1 = steps["select round 0"].ref, steps["select round 1"].ref
+    first = top_flagged_samples(*mask_score_files(store, round0), 3)
+    assert picked[0] == sorted(first)
+    new = top_flagged_samples(*mask_score_files(store, round1), 3, exclude=first)
+    assert len(new) == 3 and not set(new) & set(first)
+    assert picked[1] == sorted(first + new)  # 6 distinct samples: none collected twice
+
+
 def test_changing_only_the_ratio_reuses_references_and_scores(quick_run):
     cfg, store, first = quick_run
     cfg2 = cfg.model_copy(deep=True)
