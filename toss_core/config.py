@@ -103,6 +103,11 @@ class TrainConfig(_Section):
         "sample, then over samples (the reference code's behaviour)",
     )
     gradient_checkpointing: bool = Field(False, description="recompute activations: less memory, ~30% slower")
+    packing: bool = Field(
+        True, description="pack a step's samples several per row with their own position ids when that saves "
+        "compute (one process, and a model that keeps packed samples apart): same loss and gradients up to "
+        "float rounding, less padding; false: padded micro-batches. Not part of the artifact key"
+    )
     deepspeed: dict[str, Any] | str | None = Field(
         None,
         description="DeepSpeed config (dict or path to a JSON file), e.g. {'zero_optimization': {'stage': 2}}; "
@@ -131,6 +136,10 @@ class ScoreConfig(_Section):
     )
     precision: Literal["fp32", "bf16"] = Field(
         "fp32", description="model weights/activations dtype; losses are always computed in float32"
+    )
+    packing: bool = Field(
+        True, description="pack several samples per row with their own position ids (no padding; same losses "
+        "within float rounding) when the model keeps packed samples apart; false: padded batches"
     )
 
 

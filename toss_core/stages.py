@@ -188,7 +188,8 @@ def load_examples(store: ArtifactStore, sources: list[TrainSource]):
 
 def train_plan(role: str, model: ArtifactRef, sources: list[TrainSource], cfg: TrainConfig,
                dtype: str = "float32") -> StagePlan:
-    config = {"role": role, "train": cfg.model_dump(mode="json"), "dtype": dtype,
+    # Packing changes speed, not the result (beyond float rounding): not part of the key.
+    config = {"role": role, "train": cfg.model_dump(mode="json", exclude={"packing"}), "dtype": dtype,
               "sources": [s.identity() for s in sources]}
     inputs = {"model": model.key, **{f"source{i}": s.tokens.key for i, s in enumerate(sources)},
               **{f"mask{i}": s.mask.key for i, s in enumerate(sources) if s.mask}}
@@ -230,7 +231,7 @@ def shard_rows(n_rows: int, shard: int, shards: int) -> tuple[int, int]:
 
 def score_plan(model: ArtifactRef, adapter: ArtifactRef | None, tokens: ArtifactRef, shard: int,
                cfg: ScoreConfig) -> StagePlan:
-    # The batch token budget changes speed, not results, so it is not part of the key.
+    # The batch token budget and packing change speed, not results, so they are not part of the key.
     return StagePlan(stage="scores", config={"shard": shard, "shards": cfg.shards, "precision": cfg.precision},
                      inputs={"model": model.key, "tokens": tokens.key, **({"adapter": adapter.key} if adapter else {})})
 
@@ -258,7 +259,8 @@ def produce_scores(writer, model_dir: Path, adapter_dir: Path | None, token_file
                             device=_device())
     pad = net.config.pad_token_id or 0
     scores, metrics = score_tokens(net, table.slice(lo, hi - lo), cfg.max_tokens_per_batch, pad_id=pad,
-                                   progress=progress_bar(f"score shard {shard + 1}/{cfg.shards}", progress, "tok", True))
+                                   progress=progress_bar(f"score shard {shard + 1}/{cfg.shards}", progress, "tok", True),
+                                   packing=cfg.packing)
     with writer.open(f"scores-{shard:05d}.parquet", "wb") as f:
         write_scores(scores, f)
     writer.metrics.update(metrics, rows=[lo, hi])

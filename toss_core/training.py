@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from toss_core.config import TrainConfig
 from toss_core.faults import maybe_fail
 from toss_core.models import attach_lora, load_model
+from toss_core.packing import Batch, label_targets, layout, micro_batches, supports_packing
 from toss_core.train_data import Example
 
 
@@ -76,18 +77,12 @@ def lr_lambda(cfg: TrainConfig, total_steps: int):
     return factor
 
 
-def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded ids, attention mask and a bool label mask (B, T)."""
-    width = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(examples), width), dtype=torch.long)
-    labels = torch.zeros((len(examples), width), dtype=torch.bool)
-    for i, e in enumerate(examples):
-        n = len(e.input_ids)
-        ids[i, :n] = torch.from_numpy(e.input_ids.astype(np.int64))
-        attn[i, :n] = 1
-        labels[i, :n] = torch.from_numpy(e.labels)
-    return {"input_ids": ids, "attention_mask": attn, "labels": labels}
+def collate(examples: list[Example], pad_id: int, rows: list[list[int]] | None = None,
+            packed: bool = False) -> Batch:
+    """Examples as a batch: one per row, right-padded (default), or `rows` of indices packed together.
+    The labels go in `extra["labels"]` at the tokens' positions."""
+    rows = rows if rows is not None else [[i] for i in range(len(examples))]
+    return layout([e.input_ids for e in examples], rows, pad_id, packed, {"labels": [e.labels for e in examples]})
 
 
 # ---- loss ---------------------------------------------------------------------------------------
@@ -99,40 +94,49 @@ def per_token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor
     return torch.nn.functional.pad(nll, (1, 0))
 
 
-def label_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-              single_process: bool = True) -> torch.Tensor:
-    """(B, T) float32 losses at label positions, 0 elsewhere.
+def label_nll(model, batch: Batch, single_process: bool = True) -> torch.Tensor:
+    """(rows, width) float32 losses at label positions (`label_targets`), 0 elsewhere.
 
     The output layer and log-softmax run only where a label is (a 49k-vocabulary head over every prompt
     and padding position is ~20% of a small model's compute, and B x T x V floats of memory). Models wrapped
     for several processes (DDP, DeepSpeed) go through their own forward: their hooks need it."""
+    targets = label_targets(batch)
     if not single_process or hasattr(model, "module"):
-        return per_token_nll(model(input_ids=input_ids, attention_mask=attention_mask).logits, input_ids)
+        logits = model(input_ids=batch.input_ids, **batch.model_kwargs()).logits
+        return per_token_nll(logits, batch.input_ids) * targets
     from toss_core.scoring import _decoder_and_head
 
     body, head = _decoder_and_head(model)
-    hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    targets = labels.clone()
-    targets[:, 0] = False  # nothing predicts the first token (per_token_nll gives it 0 too)
+    hidden = body(input_ids=batch.input_ids, **batch.model_kwargs()).last_hidden_state
     pred_pos = torch.zeros_like(targets)
     pred_pos[:, :-1] = targets[:, 1:]  # position t is predicted from the hidden state at t-1
     logits = head(hidden[pred_pos]).float()
-    nll = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
-    nll[targets] = torch.nn.functional.cross_entropy(logits, input_ids[targets], reduction="none")
+    nll = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
+    nll[targets] = torch.nn.functional.cross_entropy(logits, batch.input_ids[targets], reduction="none")
     return nll
 
 
-def masked_loss(nll: torch.Tensor, labels: torch.Tensor, norm: str, step_tokens: int, step_samples: int) -> torch.Tensor:
+def masked_loss(nll: torch.Tensor, labels: torch.Tensor, norm: str, step_tokens: int, step_samples: int,
+                sample_of: torch.Tensor | None = None) -> torch.Tensor:
     """This micro-batch's share of the step loss (sums to the step mean over all micro-batches).
 
     'token': sum of kept-token losses / kept tokens of the step.
     'sample': sum over samples of (mean kept-token loss of the sample) / samples of the step with any
-    kept token. A sample with no kept token adds 0 in both (never 0/0 = NaN).
+    kept token; `sample_of` (rows, width: the sample of each position, -1 on padding) tells packed samples
+    apart, else each row is one sample. A sample with no kept token adds 0 in both (never 0/0 = NaN).
     """
     kept = nll * labels
     if norm == "token":
         return kept.sum() / max(step_tokens, 1)
-    per_sample = kept.sum(dim=1) / labels.sum(dim=1).clamp(min=1)
+    if sample_of is None:
+        per_sample = kept.sum(dim=1) / labels.sum(dim=1).clamp(min=1)
+    else:
+        n = int(sample_of.max()) + 1 if sample_of.numel() else 0
+        owner = sample_of.clamp(min=0)
+        sums = torch.zeros(n, dtype=kept.dtype, device=kept.device).index_add(0, owner.flatten(), kept.flatten())
+        counts = torch.zeros(n, dtype=kept.dtype, device=kept.device).index_add(0, owner.flatten(),
+                                                                              labels.flatten().to(kept.dtype))
+        per_sample = sums / counts.clamp(min=1)
     return per_sample.sum() / max(step_samples, 1)
 
 
@@ -185,6 +189,9 @@ def train_lora(
     per_epoch, total_steps = plan_steps(len(examples), cfg)
     engine = make_engine(model, cfg, total_steps, lr_lambda(cfg, total_steps))
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    # Packed micro-batches (one process): same loss and gradients as padded ones, less padding.
+    packing = cfg.packing and engine.world_size == 1 and supports_packing(model)
+    hidden_size = int(getattr(model.config, "hidden_size", 1024))
 
     start_step = 0
     if checkpoints is not None and (found := checkpoints.latest()) is not None:
@@ -194,7 +201,7 @@ def train_lora(
         engine.print(f"{desc}: resuming from the checkpoint at step {start_step}/{total_steps}")
 
     history: list[dict] = []
-    tokens_seen, t0 = 0, time.perf_counter()
+    tokens_seen, real, positions, packed_steps, t0 = 0, 0, 0, 0, time.perf_counter()
     bar = tqdm(total=total_steps, initial=start_step, desc=desc, disable=not (progress and engine.is_main), unit="step")
     autocast = (
         torch.autocast(device_type=engine.device.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else nullcontext()
@@ -204,16 +211,19 @@ def train_lora(
         step_tokens = int(sum(e.labels.sum() for e in batch))
         step_samples = sum(1 for e in batch if e.labels.any())
         mine = batch[engine.rank :: engine.world_size]  # data parallel: each process its slice
-        # Similar lengths share a micro-batch (less padding); the step's loss is a sum, so order is neutral.
-        mine = sorted(mine, key=lambda e: len(e.input_ids))
-        micro = [mine[i : i + cfg.micro_batch_size] for i in range(0, len(mine), cfg.micro_batch_size)]
+        # Similar lengths share a micro-batch, or packed rows (less padding); the step's loss is a sum, so
+        # the grouping is neutral.
+        plan, packed = micro_batches(np.array([len(e.input_ids) for e in mine]), cfg.micro_batch_size, packing,
+                                     hidden_size)
+        packed_steps += packed
+        real += sum(len(e.input_ids) for e in mine)
         step_loss = 0.0
-        for k, mb in enumerate(micro):
-            b = {name: t.to(engine.device) for name, t in collate(mb, pad_id).items()}
-            with engine.accumulating(last=k == len(micro) - 1), autocast:
-                nll = label_nll(engine.model, b["input_ids"], b["attention_mask"], b["labels"],
-                                single_process=engine.world_size == 1)
-                loss = masked_loss(nll, b["labels"], cfg.loss_norm, step_tokens, step_samples)
+        for k, rows in enumerate(plan):
+            b = collate(mine, pad_id, rows, packed).to(engine.device)
+            positions += b.input_ids.numel()
+            with engine.accumulating(last=k == len(plan) - 1), autocast:
+                nll = label_nll(engine.model, b, single_process=engine.world_size == 1)
+                loss = masked_loss(nll, label_targets(b), cfg.loss_norm, step_tokens, step_samples, b.sample_of)
             engine.backward(loss)
             step_loss += loss.item()
         engine.step(cfg.grad_clip)
@@ -242,6 +252,8 @@ def train_lora(
         "label_tokens_per_epoch": int(sum(e.labels.sum() for e in examples)),
         "seconds": round(time.perf_counter() - t0, 3),
         "final_loss": history[-1]["loss"] if history else None,
+        "packed_steps": packed_steps,
+        "padding_share": round(1 - real / positions, 4) if positions else 0.0,
         "history": history,
         "engine": engine.kind,
         **engine.describe(),
