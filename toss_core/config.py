@@ -152,9 +152,10 @@ class SelectConfig(_Section):
     ratio: float = Field(0.1, gt=0, lt=1, description="share of response tokens to DISCARD; paper: 0.1")
     threshold: float | None = Field(None, description="score cut-off for mode 'threshold'")
     mask_files: int = Field(
-        2, ge=1, le=64,
+        1, ge=1, le=64,
         description="the mask is written as this many Parquet files of consecutive samples, in parallel (one "
-        "thread each; encoding is most of the select stage's time); the mask's content does not depend on it",
+        "thread each); the mask's content does not depend on it. The v3 mask holds only the discarded "
+        "positions, so one file is fastest below ~100M tokens (docs/benchmarks.md)",
     )
 
     @model_validator(mode="after")
