@@ -113,6 +113,11 @@ class TrainConfig(_Section):
         description="DeepSpeed config (dict or path to a JSON file), e.g. {'zero_optimization': {'stage': 2}}; "
         "None trains with plain Accelerate",
     )
+    gpus: int = Field(
+        1, ge=1, le=64, description="processes (GPUs) this stage trains on: N > 1 runs it under `torchrun "
+        "--nproc_per_node N` as a child of its task (DDP, or DeepSpeed ZeRO when `deepspeed` is set); the "
+        "worker must see N GPUs (on CPU: N gloo processes). Not part of the artifact key"
+    )
     seed: int = Field(0, description="seed of initialisation, data order and dropout")
     checkpoint_every: int = Field(
         0, ge=0, description="save a resumable checkpoint to the store every N optimizer steps (0: never)"
@@ -321,6 +326,18 @@ class OrchestrationConfig(_Section):
         "(create it with `prefect gcl create gpu --limit N`); None: no limit",
     )
     retries: int = Field(0, ge=0, le=10, description="automatic retries of a failed stage task")
+    dispatch: Literal["local", "workers"] = Field(
+        "local",
+        description="'local': GPU stages run in the flow's own process (threads sharing its GPUs); 'workers': "
+        "each GPU stage (train, score shard) not already in the store runs as a flow run of a stage deployment, "
+        "picked up by a GPU worker (docs/orchestration.md)",
+    )
+    train_deployment: str = Field(
+        "toss-train-stage/toss-train-stage", description="deployment that runs a training when dispatch=workers"
+    )
+    score_deployment: str = Field(
+        "toss-score-stage/toss-score-stage", description="deployment that scores a shard when dispatch=workers"
+    )
 
 
 class StoreConfig(_Section):

@@ -4,6 +4,7 @@
     TOSS_INJECT_FAULT=train@3          raise right after optimizer step 3 (a checkpoint may exist)
     TOSS_INJECT_FAULT=train@3:kill     SIGKILL the process there (no cleanup runs, as in a real crash)
     TOSS_INJECT_FAULT=select           raise in the select stage
+    TOSS_INJECT_FAULT=train:sleep=0.5  slow every training step by 0.5 s (a test can kill a worker mid-training)
 Several faults are separated by commas. Unset in normal use; costs one dict lookup per call.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 ENV = "TOSS_INJECT_FAULT"
 
@@ -29,6 +31,9 @@ def maybe_fail(stage: str, step: int | None = None) -> None:
         if name != stage:
             continue
         if at and (step is None or int(at) != step):
+            continue
+        if action.startswith("sleep="):
+            time.sleep(float(action.removeprefix("sleep=")))
             continue
         if action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)

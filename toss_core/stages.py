@@ -17,9 +17,12 @@ Prefect tasks (tasks/) are thin wrappers over these; `toss_core.pipeline` chains
 from __future__ import annotations
 
 import hashlib
+import os
+import socket
 import tempfile
 import time
 from contextlib import ExitStack, nullcontext
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
@@ -77,8 +80,17 @@ def _run(store: ArtifactStore, plan: StagePlan, compute, force: bool = False, gu
         return StageOutcome(ref=ref, reused=True, seconds=time.perf_counter() - t0)
     maybe_fail(plan.stage)
     with guard or nullcontext(), store.writer(plan.stage, key, config=plan.config, inputs=plan.inputs) as writer:
+        started = _now()
         compute(writer, key)
+        # Where and when it ran: which worker process, which GPUs (parallel stages are visible side by side).
+        writer.metrics.update(pid=os.getpid(), host=socket.gethostname(),
+                              cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
+                              started_at=started, finished_at=_now())
     return StageOutcome(ref=writer.ref, reused=False, seconds=time.perf_counter() - t0)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
 def local_files(store: ArtifactStore, ref: ArtifactRef, suffix: str = ".parquet") -> list[str]:
@@ -188,8 +200,8 @@ def load_examples(store: ArtifactStore, sources: list[TrainSource]):
 
 def train_plan(role: str, model: ArtifactRef, sources: list[TrainSource], cfg: TrainConfig,
                dtype: str = "float32") -> StagePlan:
-    # Packing changes speed, not the result (beyond float rounding): not part of the key.
-    config = {"role": role, "train": cfg.model_dump(mode="json", exclude={"packing"}), "dtype": dtype,
+    # Packing and the process count change speed, not the result (beyond float rounding): not in the key.
+    config = {"role": role, "train": cfg.model_dump(mode="json", exclude={"packing", "gpus"}), "dtype": dtype,
               "sources": [s.identity() for s in sources]}
     inputs = {"model": model.key, **{f"source{i}": s.tokens.key for i, s in enumerate(sources)},
               **{f"mask{i}": s.mask.key for i, s in enumerate(sources) if s.mask}}
@@ -202,9 +214,13 @@ def train_stage(store: ArtifactStore, role: str, model: ArtifactRef, sources: li
     """A LoRA adapter on the base model; `role` names it (safety, utility, finetune, safety-r1, ...)."""
 
     def compute(writer, key):
-        produce_adapter(writer, model_path(store, model), load_examples(store, sources), cfg, dtype=dtype,
-                        checkpoints=StoreCheckpoints(store, "train", key), desc=f"train {role}", progress=progress,
-                        on_step=on_step)
+        if cfg.gpus > 1:  # torchrun child processes; the store carries examples in and checkpoints out
+            produce_adapter_in_processes(writer, store, model_path(store, model), sources, cfg, dtype=dtype,
+                                         checkpoint_key=key, desc=f"train {role}")
+        else:
+            produce_adapter(writer, model_path(store, model), load_examples(store, sources), cfg, dtype=dtype,
+                            checkpoints=StoreCheckpoints(store, "train", key), desc=f"train {role}",
+                            progress=progress, on_step=on_step)
         writer.metrics["role"] = role
 
     return _run(store, train_plan(role, model, sources, cfg, dtype), compute, force, guard)
@@ -218,6 +234,19 @@ def produce_adapter(writer, model_dir: Path, examples, cfg: TrainConfig, *, dtyp
     with tempfile.TemporaryDirectory() as tmp:
         metrics = train_lora(model_dir, examples, cfg, tmp, dtype=dtype, checkpoints=checkpoints, desc=desc,
                              progress=progress, on_step=on_step)
+        writer.put_dir(tmp)
+    writer.metrics.update({k: v for k, v in metrics.items() if k != "history"})
+
+
+def produce_adapter_in_processes(writer, store: ArtifactStore, model_dir: Path, sources: list[TrainSource],
+                                 cfg: TrainConfig, *, dtype: str, checkpoint_key: str, desc: str) -> None:
+    """The same adapter trained by `cfg.gpus` processes under torchrun; published once, from here."""
+    from toss_core.launch import TrainJob, train_in_processes
+
+    with tempfile.TemporaryDirectory() as tmp:
+        job = TrainJob(model_dir=str(model_dir), store_url=store.root_uri, storage_options=store.storage_options,
+                       sources=sources, cfg=cfg, dtype=dtype, checkpoint_key=checkpoint_key, desc=desc, out_dir=tmp)
+        metrics = train_in_processes(job, cfg.gpus)
         writer.put_dir(tmp)
     writer.metrics.update({k: v for k, v in metrics.items() if k != "history"})
 

@@ -521,6 +521,7 @@ class ArtifactStore:
     def __init__(self, url: str, storage_options: dict | None = None, *, cache_dir: str | os.PathLike | None = None):
         self.fs, self.root = _filesystem(os.fspath(url), storage_options)
         self.root = self.root.rstrip("/")
+        self.storage_options = dict(storage_options or {})  # to open the same store in a child process
         self.cache_dir = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
 
     def __repr__(self) -> str:  # never the storage options: they may hold secrets

@@ -21,9 +21,10 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from collections.abc import Callable
 from typing import Protocol
@@ -83,6 +84,38 @@ def collate(examples: list[Example], pad_id: int, rows: list[list[int]] | None =
     The labels go in `extra["labels"]` at the tokens' positions."""
     rows = rows if rows is not None else [[i] for i in range(len(examples))]
     return layout([e.input_ids for e in examples], rows, pad_id, packed, {"labels": [e.labels for e in examples]})
+
+
+def rank_micro_batches(batch: list[Example], rank: int, world_size: int, micro_batch_size: int, packing: bool,
+                       hidden_size: int) -> tuple[list[Example], list[list[list[int]]], bool]:
+    """This process's samples of a step, as micro-batches (rows of indices into the samples), and whether
+    they are packed.
+
+    One process: every sample; similar lengths share a micro-batch, or packed rows (less padding); the
+    step's loss is a sum, so the grouping is neutral. Several processes: samples `rank::world_size`, and
+    EVERY rank runs the same number of micro-batches: a rank short of samples (a short last batch) gets
+    blank ones (a sample with no label: zero loss, zero gradient) so it still joins each gradient
+    all-reduce instead of leaving the others waiting forever."""
+    if world_size == 1:
+        return batch, *micro_batches(np.array([len(e.input_ids) for e in batch]), micro_batch_size, packing,
+                                     hidden_size)
+    mine = batch[rank::world_size]
+    plan, _ = micro_batches(np.array([len(e.input_ids) for e in mine], dtype=np.int64), micro_batch_size, False)
+    needed = math.ceil(math.ceil(len(batch) / world_size) / micro_batch_size)
+    if len(plan) < needed:
+        blank = batch[0]
+        mine = [*mine, Example(blank.sample_id, blank.input_ids, np.zeros_like(blank.labels))]
+        plan += [[[len(mine) - 1]]] * (needed - len(plan))
+    return mine, plan, False
+
+
+def _sum_over_processes(value: float, engine) -> float:
+    """A step's loss is split over ranks: the logged value is their sum."""
+    if engine.world_size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=engine.device)  # NCCL reduces GPU tensors only
+    torch.distributed.all_reduce(t)
+    return float(t.item())
 
 
 # ---- loss ---------------------------------------------------------------------------------------
@@ -210,11 +243,8 @@ def train_lora(
         batch = [examples[i] for i in step_indices(step, len(examples), per_epoch, cfg)]
         step_tokens = int(sum(e.labels.sum() for e in batch))
         step_samples = sum(1 for e in batch if e.labels.any())
-        mine = batch[engine.rank :: engine.world_size]  # data parallel: each process its slice
-        # Similar lengths share a micro-batch, or packed rows (less padding); the step's loss is a sum, so
-        # the grouping is neutral.
-        plan, packed = micro_batches(np.array([len(e.input_ids) for e in mine]), cfg.micro_batch_size, packing,
-                                     hidden_size)
+        mine, plan, packed = rank_micro_batches(batch, engine.rank, engine.world_size, cfg.micro_batch_size,
+                                                packing, hidden_size)
         packed_steps += packed
         real += sum(len(e.input_ids) for e in mine)
         step_loss = 0.0
@@ -227,6 +257,7 @@ def train_lora(
             engine.backward(loss)
             step_loss += loss.item()
         engine.step(cfg.grad_clip)
+        step_loss = _sum_over_processes(step_loss, engine)
         tokens_seen += step_tokens
         done = step + 1
         if done % cfg.log_every == 0 or done == total_steps:
@@ -266,8 +297,28 @@ def train_lora(
 
 
 def _save_checkpoint(engine, checkpoints: Checkpoints, step: int) -> None:
-    with tempfile.TemporaryDirectory(prefix="toss-ckpt-") as tmp:
-        engine.save_state(Path(tmp))
-        torch.save(_rng_state(), Path(tmp) / "rng.pt")
+    """Every rank writes its part (DeepSpeed: its optimizer shard) into ONE folder; rank 0 uploads it."""
+    with _shared_tmpdir(engine) as tmp:
+        engine.save_state(tmp)
         if engine.is_main:
-            checkpoints.save(step, Path(tmp))
+            torch.save(_rng_state(), tmp / "rng.pt")
+        if engine.world_size > 1:
+            torch.distributed.barrier()
+        if engine.is_main:
+            checkpoints.save(step, tmp)
+
+
+@contextmanager
+def _shared_tmpdir(engine):
+    """A temporary folder every process of the run sees (rank 0 makes it and tells the others; the
+    processes of one stage share a machine)."""
+    folder = [tempfile.mkdtemp(prefix="toss-ckpt-") if engine.is_main else None]
+    if engine.world_size > 1:
+        torch.distributed.broadcast_object_list(folder, src=0)
+    try:
+        yield Path(folder[0])
+    finally:
+        if engine.world_size > 1:
+            torch.distributed.barrier()  # nobody still writing when rank 0 removes it
+        if engine.is_main:
+            shutil.rmtree(folder[0], ignore_errors=True)
