@@ -187,7 +187,7 @@ def _parquet(path: str) -> list[str]:
 
     artifact = open_artifact_dir(path)
     if artifact.exists():
-        return sorted(str(p) for p in artifact.local_dir().rglob("*.parquet"))
+        return sorted(str(p) for p in artifact.local_files(".parquet"))
     try:
         return resolve_parquet_files(path)
     except (FileNotFoundError, ValueError) as e:
