@@ -1,0 +1,177 @@
+"""A shared store is untrusted input (docs/security.md): each attack or fault found by hand is replayed here,
+and each test shows the clear error and that nothing outside the store changed, nothing corrupt was
+published, no planted code ran."""
+
+import hashlib
+import json
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from tests.factories import token_table
+from toss_core.store import MANIFEST, ArtifactError, ArtifactStore
+
+
+def publish_tokens(store, key="k", rows=(5, 7, 9)):
+    with store.writer("tokens", key, config={}, inputs={}) as w:
+        with w.open("tokens.parquet") as f:
+            pq.write_table(token_table(list(rows)), f)
+    return w.ref
+
+
+def plant_manifest(store, at: str, changes: dict):
+    """Rewrite the published manifest at <stage>/<key> `at`, as anyone with write access to the store could."""
+    path = f"{store.root}/{at}/{MANIFEST}"
+    manifest = json.loads(store.fs.cat_file(path))
+    manifest.update(changes)
+    store.fs.pipe_file(path, json.dumps(manifest).encode())
+    return manifest
+
+
+def snapshot(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ---- manifests: names that become paths ------------------------------------------------------------
+
+@pytest.mark.parametrize("change", [{"stage": "../victim"}, {"key": "../../victim"}, {"writer_id": "../victim"},
+                                    "file"])
+def test_a_planted_manifest_cannot_reach_outside_the_cache(s3_store, tmp_path, change):
+    victim = tmp_path / "cache" / "victim"  # a folder next to the cache's stage folders
+    victim.mkdir(parents=True)
+    (victim / "keep.txt").write_text("mine")
+    (tmp_path / "victim-outside.txt").write_text("mine too")
+    before = snapshot(tmp_path)
+    ref = publish_tokens(s3_store)
+    if change == "file":
+        m = json.loads(s3_store.fs.cat_file(f"{ref.uri}/{MANIFEST}"))
+        m["files"][0]["path"] = f"{m['writer_id']}/../../../victim-outside.txt"
+        s3_store.fs.pipe_file(f"{ref.uri}/{MANIFEST}", json.dumps(m).encode())
+    else:
+        plant_manifest(s3_store, "tokens/k", change)
+    with pytest.raises(ArtifactError, match="not a valid manifest|claims to be"):
+        s3_store.local_dir(ref)
+    with pytest.raises(ArtifactError):
+        s3_store.ref("tokens", "k")
+    assert snapshot(tmp_path) == before  # no download, no replaced folder
+    assert s3_store.list() == []  # listed as nobody's artifact
+
+
+def test_a_manifest_copied_to_another_key_is_not_trusted_and_gc_keeps_the_real_files(tmp_path):
+    store = ArtifactStore(tmp_path / "store")
+    real = publish_tokens(store, "real")
+    stray = tmp_path / "store" / "tokens" / "stray"
+    stray.mkdir()
+    (stray / MANIFEST).write_bytes((tmp_path / "store" / "tokens" / "real" / MANIFEST).read_bytes())
+    manifest = json.loads((stray / MANIFEST).read_text())
+    manifest["writer_id"] = "w-20000101T000000Z-00000000"  # claims 'real' with another writer folder
+    manifest["files"] = []
+    (stray / MANIFEST).write_text(json.dumps(manifest))
+    before = snapshot(tmp_path / "store")
+    assert store.gc(grace_seconds=0) == []  # the stray manifest is nobody's: neither it nor 'real' is touched
+    assert snapshot(tmp_path / "store") == before
+    assert [m.key for m in store.list()] == ["real"]
+    assert store.local_files(real)[0].exists()
+    with pytest.raises(ArtifactError, match="claims to be tokens/real"):
+        store.manifest("tokens", "stray")
+
+
+def test_a_ref_pointing_elsewhere_in_the_store_is_refused(tmp_path):
+    store = ArtifactStore(tmp_path / "store")
+    ref = publish_tokens(store, "a")
+    publish_tokens(store, "b")
+    forged = ref.model_copy(update={"uri": ref.uri[:-1] + "b"})
+    with pytest.raises(ArtifactError, match="points at"):
+        store.local_files(forged)
+
+
+# ---- digests on every read -------------------------------------------------------------------------
+
+def test_a_flipped_byte_in_a_local_store_is_caught_before_anything_reads_it(tmp_path):
+    store = ArtifactStore(tmp_path / "store")
+    ref = publish_tokens(store)
+    path = store.local_files(ref)[0]  # verified once (and remembered)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1
+    stat = path.stat()
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # even with its old mtime back
+    with pytest.raises(ArtifactError, match="does not match its manifest digest"):
+        store.local_files(ref)
+    with pytest.raises(ArtifactError, match="does not match its manifest digest"):
+        store.open(ref, "tokens.parquet")
+
+
+def test_a_file_added_to_a_published_local_artifact_is_refused(tmp_path):
+    store = ArtifactStore(tmp_path / "store")
+    ref = publish_tokens(store)
+    (store.local_dir(ref) / "extra.parquet").write_bytes(b"planted")
+    with pytest.raises(ArtifactError, match="extra.parquet is not listed in the manifest"):
+        store.local_files(ref)
+
+
+def test_a_tampered_s3_file_is_refused_when_opened(s3_store):
+    with s3_store.writer("mask", "k", config={}, inputs={}) as w:
+        w.write_json("stats.json", {"a": 1})
+    s3_store.fs.pipe_file(s3_store.files(w.ref)[0], b'{"a": 2}')
+    with pytest.raises(ArtifactError, match="does not match its manifest digest"):
+        s3_store.open(w.ref, "stats.json")
+
+
+# ---- checkpoints: no pickle ------------------------------------------------------------------------
+
+class _Payload:
+    """What a planted checkpoint would carry: unpickling it calls os.mkdir (a harmless witness)."""
+
+    def __init__(self, witness):
+        self.witness = str(witness)
+
+    def __reduce__(self):
+        return os.mkdir, (self.witness,)
+
+
+def _crash_after_one_checkpoint(tiny_model_dir, store, tmp_path, monkeypatch):
+    from tests.test_training import _cfg, examples
+    from toss_core.faults import ENV, InjectedFault
+    from toss_core.stages import StoreCheckpoints
+    from toss_core.training import train_lora
+
+    cfg, data = _cfg(epochs=1, checkpoint_every=1), examples(24)  # 3 steps
+    monkeypatch.setenv(ENV, "train@1")
+    with pytest.raises(InjectedFault):
+        train_lora(tiny_model_dir, data, cfg, tmp_path / "a", checkpoints=StoreCheckpoints(store, "train", "k"),
+                   progress=False)
+    monkeypatch.delenv(ENV)
+    return lambda: train_lora(tiny_model_dir, data, cfg, tmp_path / "b",
+                              checkpoints=StoreCheckpoints(store, "train", "k"), progress=False)
+
+
+@pytest.mark.parametrize("planted", ["optimizer.pt", "rng.pt"])
+def test_a_planted_pickle_checkpoint_never_runs(tiny_model_dir, tmp_path, monkeypatch, planted):
+    import torch
+
+    from toss_core.distributed import CheckpointError
+
+    store = ArtifactStore(tmp_path / "store")
+    resume = _crash_after_one_checkpoint(tiny_model_dir, store, tmp_path, monkeypatch)
+    folder = tmp_path / "store" / "_checkpoints" / "train" / "k" / "step-00000001"
+    witness = tmp_path / "payload-ran"
+    torch.save({"state": _Payload(witness)}, folder / planted)
+    complete = json.loads((folder / "COMPLETE").read_text())  # an attacker can recompute the digests
+    complete["files"][planted] = hashlib.sha256((folder / planted).read_bytes()).hexdigest()
+    (folder / "COMPLETE").write_text(json.dumps(complete))
+    with pytest.raises(CheckpointError, match="refusing to load it"):
+        resume()
+    assert not witness.exists()
+    assert not (tmp_path / "b" / "adapter_model.safetensors").exists()
+
+
+def test_a_checkpoint_changed_after_saving_is_refused(tiny_model_dir, tmp_path, monkeypatch):
+    store = ArtifactStore(tmp_path / "store")
+    resume = _crash_after_one_checkpoint(tiny_model_dir, store, tmp_path, monkeypatch)
+    folder = tmp_path / "store" / "_checkpoints" / "train" / "k" / "step-00000001"
+    (folder / "scheduler.pt").write_bytes(b"changed")
+    with pytest.raises(ArtifactError, match="does not match its manifest digest"):
+        resume()
