@@ -175,3 +175,145 @@ def test_a_checkpoint_changed_after_saving_is_refused(tiny_model_dir, tmp_path, 
     (folder / "scheduler.pt").write_bytes(b"changed")
     with pytest.raises(ArtifactError, match="does not match its manifest digest"):
         resume()
+
+
+# ---- rows: lengths, types, values ------------------------------------------------------------------
+
+def _select_inputs(tmp_path, util_fn=None, safe_fn=None):
+    from tests.factories import score_table
+
+    tokens = token_table([6, 9, 12, 7])
+    util = score_table(tokens, util_fn or (lambda s, p: 1.0 + 0.1 * p))
+    safe = score_table(tokens, safe_fn or (lambda s, p: 0.5 + 0.01 * s))
+    paths = {}
+    for name, t in (("tokens", tokens), ("utility", util), ("safety", safe)):
+        paths[name] = str(tmp_path / f"{name}.parquet")
+        pq.write_table(t, paths[name])
+    return tokens, util, safe, paths
+
+
+def _select(paths, tmp_path, cfg=None):
+    """Select through a store writer, as the stage does: on an error nothing may be published."""
+    from toss_core.config import SelectConfig
+    from toss_core.stages import produce_mask
+
+    store = ArtifactStore(tmp_path / "store")
+    try:
+        with store.writer("mask", "k", config={}, inputs={}) as w:
+            produce_mask(w, [paths["tokens"]], [paths["utility"]], [paths["safety"]], cfg or SelectConfig())
+    finally:
+        assert store.exists("mask", "k") == (w.ref is not None)
+    return store, w.ref
+
+
+def _rewrite(path, table, column, rows):
+    """Replace the lists of `column` at the given rows (a dict row -> new list)."""
+    import pyarrow as pa
+
+    values = table.column(column).to_pylist()
+    for row, new in rows.items():
+        values[row] = new
+    table = table.set_column(table.schema.get_field_index(column), column,
+                             pa.array(values, type=table.schema.field(column).type))
+    pq.write_table(table, path)
+
+
+def test_a_shifted_score_row_is_refused_naming_file_and_sample(tmp_path):
+    from toss_core.tables import TableError
+
+    _, util, _, paths = _select_inputs(tmp_path)
+    loss = util.column("loss").to_pylist()
+    _rewrite(paths["utility"], util, "loss", {1: loss[1][:-1], 2: [float("nan")] + loss[2]})  # same total
+    with pytest.raises(TableError, match=r"utility\.parquet: utility scores: sample 1: `loss` has 8 entries for 9"):
+        _select(paths, tmp_path)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf")])
+def test_infinite_losses_are_refused_by_name(tmp_path, bad):
+    from toss_core.tables import TableError
+
+    _, _, _, paths = _select_inputs(tmp_path, safe_fn=lambda s, p: bad if (s, p) == (2, 8) else 0.5)
+    with pytest.raises(TableError, match=rf"safety\.parquet: safety scores: sample 2: a response token's `loss` is "
+                                         rf"{bad}"):
+        _select(paths, tmp_path)
+
+
+def test_score_tables_made_elsewhere_without_ids_digest_get_a_clear_error(tmp_path):
+    from toss_core.tables import TableError
+
+    _, util, _, paths = _select_inputs(tmp_path)
+    pq.write_table(util.drop_columns(["ids_digest"]), paths["utility"])
+    with pytest.raises(TableError, match=r"utility\.parquet: missing column\(s\) \['ids_digest'\]"):
+        _select(paths, tmp_path)
+
+
+def test_a_score_column_of_the_wrong_type_is_named(tmp_path):
+    import pyarrow as pa
+
+    from toss_core.tables import TableError
+
+    _, util, _, paths = _select_inputs(tmp_path)
+    as_text = pa.array([[str(x) for x in row] for row in util.column("loss").to_pylist()], pa.list_(pa.string()))
+    pq.write_table(util.set_column(2, "loss", as_text), paths["utility"])
+    with pytest.raises(TableError, match=r"utility\.parquet: column `loss` is list<element: string>, expected "
+                                         r"list<item: float>"):
+        _select(paths, tmp_path)
+
+
+def test_select_threshold_nan_fails_validation():
+    from toss_core.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="select.threshold: Input should be a finite number"):
+        load_config(None, ["model.tiny={}", "data.custom=a", "data.harmful=a", "data.utility=a",
+                           "select.mode=threshold", "select.threshold=.nan"])
+
+
+def _mask_and_tokens(tmp_path):
+    from toss_core.config import SelectConfig
+    from toss_core.tables import TOKENS_SCHEMA, read_mask, read_table
+
+    tokens, _, _, paths = _select_inputs(tmp_path)
+    store, ref = _select(paths, tmp_path, SelectConfig(ratio=0.3, mask_files=1))
+    mask_file = str(store.local_files(ref, ".parquet")[0])
+    return read_table([paths["tokens"]], TOKENS_SCHEMA), read_mask([mask_file]), mask_file
+
+
+@pytest.mark.parametrize("row, positions, message", [
+    (1, [8, 7], "not sorted and unique"), (1, [7, 7], "not sorted and unique"),
+    (1, [9], "discard_pos 9 is outside its 9 tokens"), (1, [-1], "discard_pos -1 is outside")])
+def test_a_bad_v3_mask_row_is_refused(tmp_path, row, positions, message):
+    from toss_core.tables import TableError, read_mask
+    from toss_core.train_data import with_mask
+
+    tokens, mask, mask_file = _mask_and_tokens(tmp_path)
+    _rewrite(mask_file, mask, "discard_pos", {row: positions})
+    with pytest.raises(TableError, match=f"sample 1 \\(row 1\\): .*{message}"):
+        with_mask(tokens, read_mask([mask_file]), "keep")
+
+
+def test_a_one_element_v2_discard_row_is_refused_not_applied(tmp_path):
+    from tests.factories import discard_rows
+    from toss_core.tables import MASK_V2_SCHEMA, TableError, read_mask
+    import pyarrow as pa
+
+    tokens, mask, _ = _mask_and_tokens(tmp_path)
+    flags = discard_rows(mask, tokens)
+    flags[2] = [True]  # one entry for a 12-token sample
+    v2 = pa.table({"sample_id": mask.column("sample_id"), "ids_digest": mask.column("ids_digest"),
+                   "discard": flags, "score": [[0.0] * len(f) for f in flags]}, schema=MASK_V2_SCHEMA)
+    pq.write_table(v2, tmp_path / "v2.parquet")
+    from toss_core.train_data import with_mask
+
+    with pytest.raises(TableError, match=r"sample 2 \(row 2\): its `discard` list has 1 entries for 12 tokens"):
+        with_mask(tokens, read_mask([str(tmp_path / "v2.parquet")]), "keep")
+
+
+def test_a_token_table_whose_ids_were_changed_is_refused(tmp_path):
+    from toss_core.tables import TOKENS_SCHEMA, TableError, read_table
+
+    tokens = token_table([5, 6])
+    ids = tokens.column("input_ids").to_pylist()
+    ids[1][3] += 1  # one token id changed, the digest left as it was
+    _rewrite(str(tmp_path / "t.parquet"), tokens, "input_ids", {1: ids[1]})
+    with pytest.raises(TableError, match=r"t\.parquet: sample 1 \(row 1\): `ids_digest` does not match"):
+        read_table([str(tmp_path / "t.parquet")], TOKENS_SCHEMA)

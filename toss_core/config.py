@@ -23,7 +23,8 @@ class ConfigError(ValueError):
 
 class _Section(BaseModel):
     # Unknown keys are typos, not extensions: reject them so `select.ratoi=0.2` is never ignored.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # NaN and inf are never a setting: `select.threshold=nan` would silently discard nothing.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class TinyModelConfig(_Section):
