@@ -317,3 +317,109 @@ def test_a_token_table_whose_ids_were_changed_is_refused(tmp_path):
     _rewrite(str(tmp_path / "t.parquet"), tokens, "input_ids", {1: ids[1]})
     with pytest.raises(TableError, match=r"t\.parquet: sample 1 \(row 1\): `ids_digest` does not match"):
         read_table([str(tmp_path / "t.parquet")], TOKENS_SCHEMA)
+
+
+# ---- secrets ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("options", ["{key: AKIAXXXX, secret: s3cr3t-value}",
+                                     "{client_kwargs: {aws_secret_access_key: s3cr3t-value}}",
+                                     "{token: s3cr3t-value}"])
+def test_secrets_in_storage_options_are_refused_and_never_echoed(options):
+    from toss_core.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="credentials are never part of a config") as err:
+        load_config(None, ["model.tiny={}", "data.custom=a", "data.harmful=a", "data.utility=a",
+                           f"store.storage_options={options}"])
+    assert "s3cr3t-value" not in str(err.value)
+    ok = load_config(None, ["model.tiny={}", "data.custom=a", "data.harmful=a", "data.utility=a",
+                            "store.storage_options={client_kwargs: {endpoint_url: 'http://127.0.0.1:9000'}}"])
+    assert ok.store.storage_options["client_kwargs"]["endpoint_url"].startswith("http://")
+
+
+# ---- the command line ------------------------------------------------------------------------------
+
+def run_main(monkeypatch, *args):
+    """`toss ARGS` through the real entry point; returns (exit code, stderr)."""
+    import flows.cli as cli
+
+    monkeypatch.setattr("sys.argv", ["toss", *map(str, args)])
+    monkeypatch.setitem(cli._DEBUG, "on", False)
+    from io import StringIO
+
+    err = StringIO()
+    monkeypatch.setattr(cli.console, "_file", err)  # (not `file`: restoring it would pin a stale stream)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    return exit_.value.code, err.getvalue()
+
+
+def _select_args(paths, out):
+    return ["select", "--tokens", paths["tokens"], "--utility", paths["utility"], "--safety", paths["safety"],
+            "--out", out]
+
+
+def test_select_out_refuses_a_published_artifact(tmp_path, monkeypatch):
+    _, _, _, paths = _select_inputs(tmp_path)
+    out = tmp_path / "mask"
+    assert run_main(monkeypatch, *_select_args(paths, out))[0] == 0
+    before = snapshot(out)
+    code, err = run_main(monkeypatch, *_select_args(paths, out) + ["--ratio", "0.3"])
+    assert code == 2 and "is already a published mask artifact" in err
+    assert snapshot(out) == before
+
+
+def test_stage_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, monkeypatch):
+    _, util, _, paths = _select_inputs(tmp_path)
+    pq.write_table(util.drop_columns(["ids_digest"]), paths["utility"])
+    code, err = run_main(monkeypatch, *_select_args(paths, tmp_path / "mask"))
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 2 and "Traceback" not in err
+    assert lines[0].startswith("error: TableError:") and "missing column(s) ['ids_digest']" in lines[0]
+    assert "--debug" in lines[1]
+    from toss_core.tables import TableError
+
+    monkeypatch.setattr("sys.argv", ["toss", "--debug", *_select_args(paths, tmp_path / "mask")])
+    import flows.cli as cli
+
+    with pytest.raises(TableError):
+        cli.main()
+
+
+def test_a_missing_model_folder_is_named_not_taken_for_a_hub_id(tmp_path, monkeypatch):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n')
+    code, err = run_main(monkeypatch, "prepare", data, "--model", tmp_path / "no-such-model", "--out", tmp_path / "t")
+    assert code == 2 and f"model folder {tmp_path / 'no-such-model'} does not exist" in err
+    assert "repo" not in err.lower()
+
+
+def test_store_ls_on_a_missing_bucket_fails(s3_endpoint, monkeypatch, tmp_path):
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    code, err = run_main(monkeypatch, "store", "ls", "--store", "s3://no-such-bucket/toss")
+    assert code == 1 and "no store at s3://no-such-bucket/toss" in err
+    code, err = run_main(monkeypatch, "store", "ls", "--store", tmp_path / "nowhere")
+    assert code == 1 and "no store at" in err
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_train_out_writes_checkpoints_and_resumes_from_them(tiny_model_dir, tmp_path, monkeypatch):
+    from toss_core.faults import ENV
+
+    tokens = token_table([12] * 24)
+    pq.write_table(tokens, tmp_path / "tokens.parquet")
+    out = tmp_path / "adapter"
+    args = ["train", "--model", tiny_model_dir, "--tokens", tmp_path / "tokens.parquet", "--out", out,
+            "--set", "epochs=1", "--set", "batch_size=8", "--set", "micro_batch_size=8", "--set", "checkpoint_every=1"]
+    monkeypatch.setenv(ENV, "train@2")
+    code, err = run_main(monkeypatch, *args)
+    assert code == 1 and "InjectedFault" in err
+    assert [p.name for p in (out / "_checkpoints" / "train").glob("*/step-*")] == ["step-00000002"]
+    monkeypatch.delenv(ENV)
+    assert run_main(monkeypatch, *args)[0] == 0
+    from toss_core.store import read_manifest
+
+    assert read_manifest(out).metrics["resumed_from_step"] == 2
+    assert not (out / "_checkpoints").exists()
