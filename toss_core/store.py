@@ -23,6 +23,11 @@ Remote stores: credentials come from the environment (AWS_ACCESS_KEY_ID, AWS_PRO
 `{"client_kwargs": {"endpoint_url": ...}}` or set AWS_ENDPOINT_URL (read by botocore itself).
 Remote artifacts are read through a local cache (`cache_dir`, default $TOSS_CACHE_DIR or
 ~/.cache/toss/artifacts), downloaded once and checked against the manifest's digests.
+
+A store is shared, so what it holds is untrusted (docs/security.md): a manifest is validated (plain
+stage/key/writer names, file paths inside the writer folder) and trusted only at its own <stage>/<key>
+folder; every local path made from it must stay inside its root; local files are checked against their
+digests before `local_dir`/`local_files`/`open` hand them out, remote ones when downloaded.
 """
 
 from __future__ import annotations
