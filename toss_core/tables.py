@@ -57,6 +57,9 @@ MASK_V2_SCHEMA = pa.schema(
 # Every documented column, by name: what a streamed column is checked against.
 _KNOWN = {f.name: f for schema in (TOKENS_SCHEMA, SCORES_SCHEMA, MASK_SCHEMA, MASK_V2_SCHEMA) for f in schema}
 
+# Columns that may never hold a null (the row's identity and the per-token lists).
+_ROW_KEYS = {"sample_id", "ids_digest", "input_ids", "response_mask", "loss", "discard_pos", "discard"}
+
 ROWS_PER_GROUP = 4096  # row groups of every table the stages write: bounded memory when streamed
 
 
@@ -271,8 +274,10 @@ def read_table(files: Sequence[str], expected: pa.Schema, columns: Sequence[str]
             # One type per column across shards (an int64 shard next to an int32 one would not concatenate).
             part = part.cast(pa.schema([expected.field(n) if n in expected.names else part.schema.field(n)
                                         for n in part.column_names]))
-        if expected is TOKENS_SCHEMA:
+        if expected is TOKENS_SCHEMA and {"input_ids", "response_mask", "ids_digest"} <= set(part.column_names):
             check_token_rows(part, str(f))
+        else:
+            _no_nulls(part, [n for n in part.column_names if n in expected.names and n in _ROW_KEYS], str(f))
         parts.append(part)
     table = pa.concat_tables(parts).combine_chunks()
     return sort_by_sample(table)
@@ -322,7 +327,7 @@ def iter_batches(files: Sequence[str], columns: Sequence[str], batch_rows: int, 
                 batch = next(batches, None)
             if batch is None:
                 break
-            _no_nulls(pa.Table.from_batches([batch]), list(columns), str(f))
+            _no_nulls(pa.Table.from_batches([batch]), [c for c in columns if c in _ROW_KEYS], str(f))
             ids = batch.column("sample_id").to_numpy()
             if (last_id is not None and ids[0] <= last_id) or np.any(np.diff(ids) <= 0):
                 raise TableError(f"{f}: sample_id not strictly increasing across shards (overlapping shards?)")
