@@ -15,6 +15,9 @@ read artifact folders or plain Parquet files with the documented columns and wri
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -44,6 +47,15 @@ def _quiet_libraries() -> None:
     hf_logging.set_verbosity_error()
 
 
+_DEBUG = {"on": False}  # set by --debug (on `toss` itself or on `toss run`)
+
+
+@app.callback()
+def _root(debug: Annotated[bool, typer.Option("--debug", help="show the full traceback on errors")] = False) -> None:
+    """TOSS: token-level data selection for safe LLM fine-tuning."""
+    _DEBUG["on"] = debug
+
+
 def _fail(message: str) -> None:
     console.print(f"[bold red]error:[/] {message}")
     raise typer.Exit(2)
@@ -57,7 +69,10 @@ def _load(config: Path, overrides: list[str], store: str | None = None):
     except ConfigError as e:
         _fail(str(e))
     if store:
-        cfg.store.url = store
+        try:
+            cfg.store.url = store
+        except ValueError as e:
+            _fail(f"--store: {e.errors()[0]['msg'] if hasattr(e, 'errors') else e}")
     return cfg
 
 
@@ -95,7 +110,8 @@ def run(
     try:
         rows, final = (_run_plain if no_prefect else _run_prefect)(cfg, pro, list(force))
     except Exception as e:  # one clear line; the traceback with --debug
-        if debug:
+        if debug or _DEBUG["on"]:
+            _DEBUG["on"] = True
             raise
         _fail(f"{type(e).__name__}: {e}")
     _print_summary(rows, time.perf_counter() - t0)
@@ -182,12 +198,22 @@ def _artifact_or_folder(path: str) -> Path:
     return artifact.local_dir() if artifact.exists() else Path(path)
 
 
+def _model_folder(path: str) -> Path:
+    """--model: a local model folder (or an artifact holding one), checked before anything is read."""
+    from toss_core.models import ModelLoadError, require_model_folder
+
+    try:
+        return require_model_folder(_artifact_or_folder(path))
+    except ModelLoadError as e:
+        _fail(str(e))
+
+
 def _parquet(path: str) -> list[str]:
     from toss_core.store import open_artifact_dir, resolve_parquet_files
 
     artifact = open_artifact_dir(path)
     if artifact.exists():
-        return sorted(str(p) for p in artifact.local_dir().rglob("*.parquet"))
+        return sorted(str(p) for p in artifact.local_files(".parquet"))
     try:
         return resolve_parquet_files(path)
     except (FileNotFoundError, ValueError) as e:
@@ -203,10 +229,20 @@ def _input_identity(path: str) -> str:
     return manifest.key if manifest else data_digest(path)
 
 
+def _refuse_published(out: Path) -> None:
+    """`--out` never replaces a published artifact (someone may be reading it, or it is an input of this run)."""
+    from toss_core.store import open_artifact_dir
+
+    if (manifest := open_artifact_dir(out).manifest()) is not None:
+        _fail(f"--out {out} is already a published {manifest.stage} artifact (key {manifest.key}): choose another "
+              "folder, or remove that one first if you mean to replace it")
+
+
 def _write(out: Path, stage: str, config: dict, inputs: dict[str, str], produce) -> None:
     from toss_core.stages import VERSIONS
     from toss_core.store import artifact_key, open_artifact_dir
 
+    _refuse_published(out)
     key = artifact_key(stage, VERSIONS[stage], config, inputs)
     with open_artifact_dir(out).writer(stage, key, config=config, inputs=inputs) as writer:
         produce(writer)
@@ -240,14 +276,15 @@ def prepare(
     from toss_core.stages import data_digest, produce_tokens
 
     cfg = DataConfig(custom=data, harmful=data, utility=data, max_len=max_len, limit=limit)
-    model_dir = _artifact_or_folder(model)
+    model_dir = _model_folder(model)
     _write(out, "tokens", {"max_len": max_len, "limit": limit},
            {"model": _input_identity(str(model_dir)), "data": data_digest(data)},
            lambda w: produce_tokens(w, data, model_dir, cfg))
 
 
 def _train(model: str, tokens: str, out: Path, mask: Optional[str], labels: str, recipe, overrides) -> None:
-    from toss_core.stages import produce_adapter
+    from toss_core.stages import StoreCheckpoints, produce_adapter
+    from toss_core.store import CHECKPOINTS, ArtifactStore
     from toss_core.tables import TOKENS_SCHEMA, read_mask, read_table
     from toss_core.train_data import examples_from_tokens, with_mask
 
@@ -257,13 +294,17 @@ def _train(model: str, tokens: str, out: Path, mask: Optional[str], labels: str,
         examples = with_mask(table, read_mask(_parquet(mask)), labels)
     else:
         examples = examples_from_tokens(table)
-    model_dir = _artifact_or_folder(model)
+    model_dir = _model_folder(model)
     inputs = {"model": _input_identity(str(model_dir)), "tokens": _input_identity(tokens)}
     if mask:
         inputs["mask"] = _input_identity(mask)
     _quiet_libraries()
+    # Checkpoints (every checkpoint_every steps) in <out>/_checkpoints: rerunning the same command after a
+    # crash resumes from the newest one; they are removed once the adapter is published.
+    ckpt_store = ArtifactStore(out)
     _write(out, "train", {"train": cfg.model_dump(mode="json"), "labels": labels if mask else "response"}, inputs,
-           lambda w: produce_adapter(w, model_dir, examples, cfg))
+           lambda w: produce_adapter(w, model_dir, examples, cfg, checkpoints=StoreCheckpoints(ckpt_store, "train", w.key)))
+    shutil.rmtree(Path(out) / CHECKPOINTS, ignore_errors=True)
 
 
 @app.command(epilog="Example: toss train --model models/base --tokens art/harmful-tokens --out art/safety --set lr=1e-4")
@@ -313,7 +354,7 @@ def score(
     if not 0 <= shard < shards:
         _fail(f"--shard {shard}: must be in 0..{shards - 1}")
     cfg = ScoreConfig(shards=shards, max_tokens_per_batch=max_tokens_per_batch, precision="bf16" if bf16 else "fp32")
-    model_dir, files = _artifact_or_folder(model), _parquet(tokens)
+    model_dir, files = _model_folder(model), _parquet(tokens)
     adapter_dir = _artifact_or_folder(adapter) if adapter else None
     inputs = {"model": _input_identity(str(model_dir)), "tokens": _input_identity(tokens)}
     if adapter:
@@ -368,7 +409,9 @@ def store_ls(store: StoreOpt = "./store", stage: Annotated[Optional[str], typer.
     table = Table()
     for col in ("stage", "key", "created", "files", "MB"):
         table.add_column(col)
-    for m in ArtifactStore(store).list(stage):
+    artifacts = ArtifactStore(store)
+    artifacts.check_exists()
+    for m in artifacts.list(stage):
         table.add_row(m.stage, m.key, m.created_at[:19], str(len(m.files)),
                       f"{sum(f.size for f in m.files) / 1e6:.1f}")
     Console().print(table)
@@ -380,7 +423,9 @@ def store_show(key: Annotated[str, typer.Argument(help="artifact key (a unique p
     """Print an artifact's manifest (config, inputs, files, metrics)."""
     from toss_core.store import ArtifactStore
 
-    found = [m for m in ArtifactStore(store).list() if m.key.startswith(key)]
+    artifacts = ArtifactStore(store)
+    artifacts.check_exists()
+    found = [m for m in artifacts.list() if m.key.startswith(key)]
     if len(found) != 1:
         _fail(f"{len(found)} artifacts match {key!r} in {store}")
     print(found[0].model_dump_json(indent=2))
@@ -397,7 +442,9 @@ def store_gc(
     """Remove unpublished writes and, with --keep, artifacts nothing kept depends on."""
     from toss_core.store import ArtifactStore
 
-    removed = ArtifactStore(store).gc(keep or None, dry_run=dry_run, grace_seconds=grace_seconds)
+    artifacts = ArtifactStore(store)
+    artifacts.check_exists()
+    removed = artifacts.gc(keep or None, dry_run=dry_run, grace_seconds=grace_seconds)
     for path in removed:
         print(("would remove " if dry_run else "removed ") + path)
     console.print(f"{len(removed)} path(s) {'to remove' if dry_run else 'removed'}")
@@ -423,7 +470,19 @@ app.command("deploy", epilog="Example: toss deploy --store s3://team-bucket/toss
 
 
 def main() -> None:
-    app()
+    """The `toss` entry point: an error is one line (what failed, where, what to do); --debug (or
+    TOSS_DEBUG=1) shows the traceback."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        console.print("[bold red]interrupted[/]")
+        sys.exit(130)
+    except Exception as e:
+        if _DEBUG["on"] or os.environ.get("TOSS_DEBUG") == "1":
+            raise
+        message = " ".join(str(e).split()) or "(no message)"
+        console.print(f"[bold red]error:[/] {type(e).__name__}: {message}\n[dim](run with --debug for the traceback)[/]")
+        sys.exit(1)
 
 
 if __name__ == "__main__":

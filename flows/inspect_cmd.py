@@ -42,7 +42,7 @@ def _parquet(path: str) -> list[str]:
     from toss_core.store import open_artifact_dir, resolve_parquet_files
 
     if _manifest(path) is not None:
-        return sorted(str(p) for p in Path(open_artifact_dir(path).local_dir()).rglob("*.parquet"))
+        return sorted(str(p) for p in open_artifact_dir(path).local_files(".parquet"))
     try:
         return resolve_parquet_files(path)
     except (FileNotFoundError, ValueError) as e:

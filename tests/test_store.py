@@ -2,7 +2,6 @@
 
 import hashlib
 import json
-import logging
 import os
 
 import pyarrow as pa
@@ -292,40 +291,6 @@ def test_resolve_parquet_files(tmp_path):
 
 
 # ---- S3 through a local moto server --------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    pytest.importorskip("s3fs")
-    server_mod = pytest.importorskip("moto.server")
-    import s3fs
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
-    with pytest.MonkeyPatch.context() as mp:
-        for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN"):
-            mp.delenv(name, raising=False)
-        mp.setenv("AWS_ACCESS_KEY_ID", "testing")
-        mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
-        try:
-            host, port = server.get_host_and_port()
-            endpoint = f"http://{host}:{port}"
-            s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}).mkdir("bucket")
-            yield endpoint
-        finally:
-            s3fs.S3FileSystem.clear_instance_cache()
-            server.stop()
-
-
-@pytest.fixture
-def s3_store(s3_endpoint, request, tmp_path):
-    import s3fs
-
-    s3fs.S3FileSystem.clear_instance_cache()
-    url = f"s3://bucket/{request.node.name.replace('[', '-').rstrip(']')}"
-    return ArtifactStore(url, {"client_kwargs": {"endpoint_url": s3_endpoint}}, cache_dir=tmp_path / "cache")
-
 
 def test_s3_round_trip_and_cached_download(s3_store, tmp_path, monkeypatch):
     ref = round_trip(s3_store, tmp_path)

@@ -23,7 +23,8 @@ class ConfigError(ValueError):
 
 class _Section(BaseModel):
     # Unknown keys are typos, not extensions: reject them so `select.ratoi=0.2` is never ignored.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # NaN and inf are never a setting: `select.threshold=nan` would silently discard nothing.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class TinyModelConfig(_Section):
@@ -340,11 +341,45 @@ class OrchestrationConfig(_Section):
     )
 
 
+# Option names that carry credentials in fsspec backends (s3fs, gcsfs, adlfs, ...).
+_SECRET_WORDS = ("secret", "password", "passwd", "token", "credential", "private", "account_key", "sas", "auth",
+                 "access_key", "api_key", "apikey", "key_id")
+_SECRET_NAMES = {"key"}  # s3fs's access key id
+
+
+def _secret_paths(node: Any, path: str) -> list[str]:
+    if isinstance(node, dict):
+        found = []
+        for k, v in node.items():
+            name = str(k).lower()
+            if name in _SECRET_NAMES or any(w in name for w in _SECRET_WORDS):
+                found.append(f"{path}.{k}")
+            found += _secret_paths(v, f"{path}.{k}")
+        return found
+    if isinstance(node, list):
+        return [p for i, v in enumerate(node) for p in _secret_paths(v, f"{path}[{i}]")]
+    return []
+
+
 class StoreConfig(_Section):
     url: str = Field("./store", description="artifact store: a local folder or any fsspec URL (s3://bucket/prefix)")
     storage_options: dict[str, Any] = Field(
-        default_factory=dict, description="fsspec options (e.g. endpoint_url); secrets belong in the environment"
+        default_factory=dict, description="fsspec options (e.g. client_kwargs.endpoint_url). No secrets: the config "
+        "is stored in Prefect's database and shown in its UI; credentials come from the worker's environment "
+        "(AWS_ACCESS_KEY_ID, AWS_PROFILE, ...)"
     )
+
+    @model_validator(mode="after")
+    def _no_secrets(self) -> "StoreConfig":
+        if found := _secret_paths(self.storage_options, "storage_options"):
+            raise ValueError(f"{', '.join(found)}: credentials are never part of a config (it is saved with every "
+                             "Prefect run and shown in the UI); set them in the environment of the machines that "
+                             "run stages instead (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or a mounted "
+                             "credentials file), see docs/security.md")
+        if "://" in self.url and "@" in self.url.split("://", 1)[1].split("/", 1)[0]:
+            raise ValueError("url: credentials in the URL (user:secret@host) are never part of a config; use the "
+                             "environment, see docs/security.md")
+        return self
 
 
 class PipelineConfig(_Section):
@@ -391,7 +426,8 @@ def _format_errors(err: ValidationError, origin: str) -> str:
     lines = [f"{origin}: {err.error_count()} problem(s):"]
     for e in err.errors():
         field = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        lines.append(f"  - {field}: {e['msg']} (got {e.get('input')!r})")
+        shown = e.get("input")  # a section's whole input is long and may hold what the error refuses
+        lines.append(f"  - {field}: {e['msg']}" + ("" if isinstance(shown, (dict, list)) else f" (got {shown!r})"))
     return "\n".join(lines)
 
 

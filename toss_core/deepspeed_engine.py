@@ -26,6 +26,16 @@ from toss_core.distributed import _adamw, single_process_env
 _TAG = "state"
 
 
+def _plain_deepspeed_types() -> list:
+    """The few DeepSpeed classes its optimizer states hold: plain records (numbers, enums), rebuilt from
+    their fields by the weights-only loader; no other class or function is ever called."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
 class DeepSpeedEngine:
     kind = "deepspeed"
 
@@ -90,7 +100,17 @@ class DeepSpeedEngine:
         self.model.save_checkpoint(str(folder), tag=_TAG, exclude_frozen_parameters=True)
 
     def load_state(self, folder: Path) -> None:
-        self.model.load_checkpoint(str(folder), tag=_TAG, load_module_strict=False)
+        import pickle
+
+        from toss_core.distributed import CheckpointError, weights_only_loads
+
+        try:  # DeepSpeed asks torch.load for a full unpickle; a checkpoint from a shared store gets weights only
+            with weights_only_loads(), torch.serialization.safe_globals(_plain_deepspeed_types()):
+                self.model.load_checkpoint(str(folder), tag=_TAG, load_module_strict=False)
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(f"{folder}: a DeepSpeed checkpoint file holds objects other than tensors and "
+                                  f"plain values: refusing to load it; remove that checkpoint folder "
+                                  f"({str(e).splitlines()[0][:200]})") from None
 
     def save_adapter(self, folder: Path) -> None:
         # fp32 master weights (under bf16 the module itself holds bf16 copies; under ZeRO-3, shards).

@@ -22,6 +22,37 @@ import torch
 from toss_core.config import TrainConfig
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint file that is not plain tensors and values: never unpickled."""
+
+
+def safe_load(path: str | Path):
+    """torch.load that only rebuilds tensors and plain values (dict, list, str, numbers): a checkpoint in a
+    shared store can be planted, and a full unpickle would run whatever code it names."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path} holds objects other than tensors and plain values (not a checkpoint this "
+                              f"project writes): refusing to load it. Remove that checkpoint folder to restart "
+                              f"the stage from scratch. ({str(e).splitlines()[0][:200]})") from None
+
+
+@contextmanager
+def weights_only_loads():
+    """Within: every torch.load, even one asking for weights_only=False (DeepSpeed's), loads weights only."""
+    old = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = old
+
+
 def _adamw(params, cfg: TrainConfig):
     return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
 
@@ -82,8 +113,8 @@ class AccelerateEngine:
         from safetensors.torch import load_file
 
         set_peft_model_state_dict(self._peft_model(), load_file(str(Path(folder) / "adapter_state.safetensors")))
-        self.optimizer.load_state_dict(torch.load(Path(folder) / "optimizer.pt", weights_only=False))
-        self.scheduler.load_state_dict(torch.load(Path(folder) / "scheduler.pt", weights_only=False))
+        self.optimizer.load_state_dict(safe_load(Path(folder) / "optimizer.pt"))
+        self.scheduler.load_state_dict(safe_load(Path(folder) / "scheduler.pt"))
 
     def save_adapter(self, folder: Path) -> None:
         self.accelerator.wait_for_everyone()

@@ -78,9 +78,22 @@ def build_tiny_model(cfg: TinyModelConfig, out_dir: str | Path) -> Path:
     return out
 
 
+def require_model_folder(path: str | Path) -> Path:
+    """A local model folder, or one clear error (transformers would take a missing path for a hub repo id)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        what = "does not exist" if not path.exists() else "has no config.json"
+        raise ModelLoadError(
+            f"model folder {path} {what}. model.path (or --model) must be a local Hugging Face model folder; "
+            "download the model once (e.g. `huggingface-cli download NAME --local-dir DIR`) and point it at DIR."
+        )
+    return path
+
+
 def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
+    require_model_folder(path)
     tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     if tok.pad_token is None:
         # Padding positions are masked out of every loss, so any token id works; eos is the convention.
@@ -98,12 +111,7 @@ def load_model(path: str | Path, dtype: str = "float32", device: str | torch.dev
     """A causal LM from a local folder, in eval mode."""
     from transformers import AutoModelForCausalLM
 
-    path = Path(path)
-    if not (path / "config.json").exists():
-        raise ModelLoadError(
-            f"{path}: no config.json. model.path must be a local Hugging Face model folder; download the model "
-            "once (e.g. `huggingface-cli download NAME --local-dir DIR`) and point model.path at DIR."
-        )
+    path = require_model_folder(path)
     with LOAD_LOCK:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype], local_files_only=True)
         return model.to(device).eval()
@@ -147,7 +155,7 @@ def model_fingerprint(path: str | Path) -> str:
     Hashing multi-GB weights on every run would cost minutes; names + sizes + small files catch the
     realistic changes (another checkpoint, another tokenizer or template).
     """
-    path = Path(path)
+    path = require_model_folder(path)
     h = hashlib.sha256()
     for f in sorted(p for p in path.rglob("*") if p.is_file()):
         rel = f.relative_to(path).as_posix()

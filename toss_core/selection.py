@@ -85,6 +85,30 @@ def _footer_counts(files: Sequence[str], column: str) -> tuple[int, int]:
     return rows, values
 
 
+def _check_score_rows(tokens: pa.Table, token_lengths: np.ndarray, scores: pa.Table, stream: RowStream,
+                      what: str) -> None:
+    """Score rows apply to their token rows only with the same digest and exactly one loss per token."""
+    try:
+        check_aligned(tokens, scores, what)
+    except TableError as e:
+        raise TableError(f"{stream.where(scores.column('sample_id')[0].as_py())}: {e}") from None
+    lengths = np.diff(list_offsets(scores.column("loss")))
+    if (bad := np.flatnonzero(lengths != token_lengths)).size:
+        i, sid = int(bad[0]), scores.column("sample_id")[int(bad[0])].as_py()
+        raise TableError(f"{stream.where(sid)}: {what}: sample {sid}: `loss` has {int(lengths[i])} entries for "
+                         f"{int(token_lengths[i])} tokens (a shifted, truncated or foreign row)")
+
+
+def _check_finite(losses: np.ndarray, resp_rows: np.ndarray, sample_ids: pa.Array, stream: RowStream,
+                  what: str) -> None:
+    """Every response token needs a finite loss: inf - inf is NaN, and an inf S sorts above everything."""
+    if (bad := np.flatnonzero(~np.isfinite(losses))).size:
+        sid = sample_ids[int(resp_rows[bad[0]])].as_py()
+        raise TableError(f"{stream.where(sid)}: {what}: sample {sid}: a response token's `loss` is "
+                         f"{losses[bad[0]]} (expected a finite -log p; NaN means the scores were computed with "
+                         "another response mask)")
+
+
 def _collect_scores(tokens_files, utility_files, safety_files, rows: int,
                     capacity: int) -> tuple[np.ndarray, np.ndarray, list[_Chunk]]:
     """Pass 1: S of every response token in (sample_id, position) order, response tokens per sample,
@@ -102,20 +126,22 @@ def _collect_scores(tokens_files, utility_files, safety_files, rows: int,
     while not toks.exhausted():
         t = toks.take(rows, exact=False)
         u, h = util.take(t.num_rows), safe.take(t.num_rows)
-        check_aligned(t, u, "utility scores")
-        check_aligned(t, h, "safety scores")
         resp = flat_values(t.column("response_mask"), bool)
         offsets = list_offsets(t.column("response_mask"))
+        _check_score_rows(t, np.diff(offsets), u, util, "utility scores")
+        _check_score_rows(t, np.diff(offsets), h, safe, "safety scores")
         m = int(np.count_nonzero(resp))
         if n + m > len(scores):  # footers without the column's value counts: grow
             scores = np.concatenate([scores[:n], np.empty(max(m, n), np.float64)])
         s = scores[n : n + m]
         # Keep the response tokens' losses, then subtract in float64, as the reference code's Python floats do.
-        np.subtract(np.compress(resp, flat_values(u.column("loss"), np.float32)).astype(np.float64),
-                    np.compress(resp, flat_values(h.column("loss"), np.float32)), out=s)
-        if np.isnan(s).any():
-            raise TableError("a response token has no loss in the score tables (NaN): were they computed "
-                             "with another response mask?")
+        lu = np.compress(resp, flat_values(u.column("loss"), np.float32))
+        lh = np.compress(resp, flat_values(h.column("loss"), np.float32))
+        if not (np.isfinite(lu).all() and np.isfinite(lh).all()):
+            resp_rows = np.repeat(np.arange(t.num_rows), np.diff(offsets))[resp]
+            _check_finite(lu, resp_rows, t.column("sample_id"), util, "utility scores")
+            _check_finite(lh, resp_rows, t.column("sample_id"), safe, "safety scores")
+        np.subtract(lu.astype(np.float64), lh, out=s)
         n += m
         counts = np.add.reduceat(resp, offsets[:-1]) if len(resp) else np.zeros(t.num_rows, np.int64)
         chunks.append(_Chunk(t.column("sample_id").combine_chunks(), t.column("ids_digest").combine_chunks(),
@@ -332,8 +358,13 @@ def sample_best_scores(utility_files: Sequence[str], safety_files: Sequence[str]
     while not util.exhausted():
         u = util.take(_ROWS, exact=False)
         h = safe.take(u.num_rows)
-        check_aligned(u, h, "safety scores vs utility scores")
-        s = flat_values(u.column("loss"), np.float64) - flat_values(h.column("loss"), np.float32)
+        _check_score_rows(u, np.diff(list_offsets(u.column("loss"))), h, safe, "safety scores vs utility scores")
+        lu, lh = flat_values(u.column("loss"), np.float64), flat_values(h.column("loss"), np.float32)
+        for losses, stream, what in ((lu, util, "utility scores"), (lh, safe, "safety scores")):
+            if np.isinf(losses).any():  # NaN is "not a response token" here; inf is never a loss
+                rows = np.repeat(np.arange(u.num_rows), np.diff(list_offsets(u.column("loss"))))
+                _check_finite(np.where(np.isnan(losses), 0, losses), rows, u.column("sample_id"), stream, what)
+        s = lu - lh
         s = np.where(np.isnan(s), -np.inf, s)
         offsets = list_offsets(u.column("loss"))
         starts = np.minimum(offsets[:-1], max(len(s) - 1, 0))

@@ -94,9 +94,8 @@ def _now() -> str:
 
 
 def local_files(store: ArtifactStore, ref: ArtifactRef, suffix: str = ".parquet") -> list[str]:
-    """Local paths of an artifact's files (downloaded once if the store is remote)."""
-    folder = store.local_dir(ref)
-    return sorted(str(p) for p in Path(folder).rglob(f"*{suffix}"))
+    """Local paths of an artifact's files (downloaded once if the store is remote; digests checked)."""
+    return sorted(str(p) for p in store.local_files(ref, suffix))
 
 
 def model_path(store: ArtifactStore, ref: ArtifactRef) -> Path:

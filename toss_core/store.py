@@ -23,6 +23,11 @@ Remote stores: credentials come from the environment (AWS_ACCESS_KEY_ID, AWS_PRO
 `{"client_kwargs": {"endpoint_url": ...}}` or set AWS_ENDPOINT_URL (read by botocore itself).
 Remote artifacts are read through a local cache (`cache_dir`, default $TOSS_CACHE_DIR or
 ~/.cache/toss/artifacts), downloaded once and checked against the manifest's digests.
+
+A store is shared, so what it holds is untrusted (docs/security.md): a manifest is validated (plain
+stage/key/writer names, file paths inside the writer folder) and trusted only at its own <stage>/<key>
+folder; every local path made from it must stay inside its root; local files are checked against their
+digests before `local_dir`/`local_files`/`open` hand them out, remote ones when downloaded.
 """
 
 from __future__ import annotations
@@ -31,13 +36,17 @@ import contextlib
 import functools
 import hashlib
 import importlib.metadata
+import io
 import json
+import logging
 import os
 import platform
 import re
 import secrets
 import shutil
+import stat
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -46,7 +55,7 @@ from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 MANIFEST = "MANIFEST.json"
 COMPLETE = "COMPLETE"
@@ -55,16 +64,46 @@ _CACHE_MARKER = ".toss-digest"  # in a cached copy: digest of the manifest it wa
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=-]*")
 _STEP = re.compile(r"step-(\d{8})")
 _BLOCK = 8 << 20
+log = logging.getLogger("toss.store")
 
 
 class ArtifactError(RuntimeError):
     """An artifact is missing, corrupt or misused; the message names the path and what to do."""
 
 
+# A manifest comes from a store that others can write to: every name in it that becomes a path is checked
+# before use. Stage, key and writer id are single names; file paths are names joined by "/".
+_FILE_PART = re.compile(r"[A-Za-z0-9._=+-]{1,255}")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def _valid_name(value: str, kind: str) -> str:
+    if not isinstance(value, str) or len(value) > 200 or not _NAME.fullmatch(value):
+        raise ValueError(f"{kind} {value!r} is not a plain name (letters, digits, '.', '_', '=', '-'; no path "
+                         "separators or '..')")
+    return value
+
+
 class FileEntry(BaseModel):
     path: str  # relative to the artifact folder: "<writer_id>/<name>"
-    size: int
+    size: int = Field(ge=0)
     sha256: str
+
+    @field_validator("path")
+    @classmethod
+    def _relative_inside(cls, value: str) -> str:
+        parts = value.split("/")
+        if len(parts) < 2 or any(p in (".", "..") or not _FILE_PART.fullmatch(p) for p in parts):
+            raise ValueError(f"file path {value!r} must be '<writer_id>/<name>' made of plain names (no '..', "
+                             "no absolute path, no backslash)")
+        return value
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex(cls, value: str) -> str:
+        if not _HEX64.fullmatch(value):
+            raise ValueError(f"sha256 {value[:80]!r} is not 64 lowercase hex digits")
+        return value
 
 
 class Manifest(BaseModel):
@@ -77,6 +116,26 @@ class Manifest(BaseModel):
     versions: dict[str, str] = Field(default_factory=dict)
     created_at: str
     writer_id: str
+
+    @field_validator("stage", "key", "writer_id")
+    @classmethod
+    def _plain_name(cls, value: str, info) -> str:
+        return _valid_name(value, info.field_name)
+
+    @field_validator("created_at")
+    @classmethod
+    def _timestamp(cls, value: str) -> str:
+        datetime.fromisoformat(value)  # gc compares it with the clock
+        return value
+
+    @model_validator(mode="after")
+    def _files_of_the_writer(self) -> "Manifest":
+        paths = [e.path for e in self.files]
+        if bad := [p for p in paths if p.split("/", 1)[0] != self.writer_id]:
+            raise ValueError(f"file {bad[0]!r} is outside the writer folder {self.writer_id!r}")
+        if len(set(paths)) != len(paths):
+            raise ValueError("a file is listed twice")
+        return self
 
     def digest(self) -> str:
         # Through pydantic's JSON first, so a manifest and its re-read copy hash the same (NaN -> null).
@@ -92,6 +151,11 @@ class ArtifactRef(BaseModel):
     stage: str
     key: str
     digest: str  # sha256 of the manifest's canonical JSON
+
+    @field_validator("stage", "key")
+    @classmethod
+    def _plain_name(cls, value: str, info) -> str:
+        return _valid_name(value, info.field_name)
 
 
 # ---- helpers ------------------------------------------------------------------------------------
@@ -231,6 +295,43 @@ def _upload_dir(fs: fsspec.AbstractFileSystem, local_dir: str | os.PathLike, rem
     return rel
 
 
+def _inside(root: Path, rel: str) -> Path:
+    """root/rel, refused unless it stays inside root (a name from a store is never trusted to)."""
+    target = (root / rel).resolve()
+    if not target.is_relative_to(root.resolve()) or target == root.resolve():
+        raise ArtifactError(f"refusing the path {rel!r}: it leads outside {root}")
+    return target
+
+
+# Local files already checked against their manifest digest in this process, by stat signature: a file
+# that is rewritten (even with its mtime put back) gets a new ctime, so it is hashed again.
+_VERIFIED: dict[str, tuple] = {}
+_VERIFIED_LOCK = threading.Lock()
+
+
+def _verify_local(path: str, root: str, entry: FileEntry, shown: str) -> None:
+    """Raise unless the local file `path` (inside `root`) is a plain file with the manifest's size and sha256."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise ArtifactError(f"{shown} is listed in its manifest but missing: the artifact is damaged; remove it "
+                            "and rerun its stage") from None
+    real = os.path.realpath(path)
+    if not stat.S_ISREG(st.st_mode) or not Path(real).is_relative_to(os.path.realpath(root)):
+        raise ArtifactError(f"{shown} is not a plain file inside its artifact folder (a link?): refusing to read it")
+    signature = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    with _VERIFIED_LOCK:
+        if _VERIFIED.get(real) == (signature, entry.sha256):
+            return
+    with open(path, "rb") as f:
+        found = _hash_stream(f)
+    if found != (entry.size, entry.sha256):
+        raise ArtifactError(f"{shown} does not match its manifest digest: the artifact is corrupt or was modified; "
+                            "remove it (or rerun its stage with force)")
+    with _VERIFIED_LOCK:
+        _VERIFIED[real] = (signature, entry.sha256)
+
+
 def _download_once(fs: fsspec.AbstractFileSystem, files: dict[str, str], dest: Path, marker: str,
                    verify=None) -> Path:
     """Download remote files (remote path -> relative local path) into `dest`, atomically, unless a copy
@@ -240,7 +341,7 @@ def _download_once(fs: fsspec.AbstractFileSystem, files: dict[str, str], dest: P
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
-        local = [tmp / rel for rel in files.values()]
+        local = [_inside(tmp, rel) for rel in files.values()]
         for p in local:
             p.parent.mkdir(parents=True, exist_ok=True)
         if files:
@@ -390,9 +491,11 @@ class ArtifactWriter:
 class ArtifactDir:
     """One artifact folder (MANIFEST.json + writer folders), inside a store or standalone (`--out DIR`)."""
 
-    def __init__(self, fs: fsspec.AbstractFileSystem, path: str, cache_dir: str | os.PathLike | None = None):
+    def __init__(self, fs: fsspec.AbstractFileSystem, path: str, cache_dir: str | os.PathLike | None = None,
+                 expect: tuple[str, str] | None = None):
         self.fs, self.path = fs, path.rstrip("/")
         self.cache_dir = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
+        self.expect = expect  # (stage, key) of the folder's place in a store: its manifest must say the same
 
     @property
     def uri(self) -> str:
@@ -404,10 +507,16 @@ class ArtifactDir:
         except (FileNotFoundError, NotADirectoryError):  # a plain file is not an artifact folder
             return None
         try:
-            return Manifest.model_validate_json(data)
+            manifest = Manifest.model_validate_json(data)
         except ValidationError as e:
-            raise ArtifactError(f"{self.uri}/{MANIFEST} is not a valid manifest ({e.error_count()} errors): "
-                                "remove that artifact folder and rerun its stage") from e
+            first = e.errors()[0]
+            where = ".".join(map(str, first["loc"])) or "(top level)"
+            raise ArtifactError(f"{self.uri}/{MANIFEST} is not a valid manifest ({e.error_count()} error(s); "
+                                f"{where}: {first['msg']}): remove that artifact folder and rerun its stage") from None
+        if self.expect is not None and (manifest.stage, manifest.key) != self.expect:
+            raise ArtifactError(f"{self.uri}/{MANIFEST} claims to be {manifest.stage}/{manifest.key}: a manifest "
+                                "is only trusted at its own stage/key folder (was it copied there?); remove it")
+        return manifest
 
     def exists(self) -> bool:
         return self.manifest() is not None
@@ -443,26 +552,53 @@ class ArtifactDir:
         if any(c in mode for c in "wax+"):
             raise ValueError(f"published artifacts are read-only (mode {mode!r}): write a new one with writer()")
         manifest = self.require()
-        listed = {e.path for e in manifest.files}
+        by_path = {e.path: e for e in manifest.files}
         for candidate in (f"{manifest.writer_id}/{relpath}", relpath):
-            if candidate in listed:
-                return self.fs.open(f"{self.path}/{candidate}", mode)
-        raise FileNotFoundError(f"{relpath!r} is not in the artifact at {self.uri}; it has {sorted(listed)}")
+            if (entry := by_path.get(candidate)) is not None:
+                if _is_local(self.fs):  # checked, then opened: the memo ties the check to this very file
+                    _verify_local(f"{self.path}/{candidate}", self.path, entry, f"{self.uri}/{candidate}")
+                    return self.fs.open(f"{self.path}/{candidate}", mode)
+                data = self.fs.cat_file(f"{self.path}/{candidate}")
+                if (len(data), hashlib.sha256(data).hexdigest()) != (entry.size, entry.sha256):
+                    raise ArtifactError(f"{self.uri}/{candidate} does not match its manifest digest: the artifact "
+                                        "is corrupt or was modified; remove it (or rerun its stage with force)")
+                return io.BytesIO(data) if "b" in mode else io.StringIO(data.decode())
+        raise FileNotFoundError(f"{relpath!r} is not in the artifact at {self.uri}; it has {sorted(by_path)}")
 
     def local_dir(self) -> Path:
-        """A local folder holding the files as their writer named them (downloaded once if remote)."""
+        """A local folder holding the files as their writer named them (downloaded once if remote), every
+        file checked against the manifest's size and sha256, and nothing else in it."""
         manifest = self.require()
         if _is_local(self.fs):
+            self._verify_in_place(manifest)
             return Path(self.path) / manifest.writer_id
         skip = len(manifest.writer_id) + 1
         remote = {f"{self.path}/{e.path}": e.path[skip:] for e in manifest.files}
-        dest = self.cache_dir / manifest.stage / manifest.key
+        dest = _inside(self.cache_dir, f"{manifest.stage}/{manifest.key}")
         return _download_once(self.fs, remote, dest, manifest.digest(), lambda tmp: self._verify(manifest, tmp))
+
+    def local_files(self, suffix: str | None = None) -> list[Path]:
+        """Local paths of the manifest's files (verified, see local_dir), in manifest order."""
+        manifest = self.require()
+        folder, skip = self.local_dir(), len(manifest.writer_id) + 1
+        return [folder / e.path[skip:] for e in manifest.files if suffix is None or e.path.endswith(suffix)]
+
+    def _verify_in_place(self, manifest: Manifest) -> None:
+        """Local store: the writer folder holds exactly the manifest's files, each with its digest. Unlisted
+        files are refused too: model loaders read whatever a folder holds."""
+        folder = f"{self.path}/{manifest.writer_id}"
+        listed = {e.path[len(manifest.writer_id) + 1:] for e in manifest.files}
+        found = {Path(d, n).relative_to(folder).as_posix() for d, _, names in os.walk(folder) for n in names}
+        if extra := sorted(found - listed - {_CACHE_MARKER}):
+            raise ArtifactError(f"{self.uri}/{manifest.writer_id}/{extra[0]} is not listed in the manifest: files "
+                                "were added after publishing; remove them (or the artifact)")
+        for e in manifest.files:
+            _verify_local(f"{self.path}/{e.path}", self.path, e, f"{self.uri}/{e.path}")
 
     def _verify(self, manifest: Manifest, folder: Path) -> None:
         skip = len(manifest.writer_id) + 1
         for e in manifest.files:
-            with open(folder / e.path[skip:], "rb") as f:
+            with open(_inside(folder, e.path[skip:]), "rb") as f:
                 if _hash_stream(f) != (e.size, e.sha256):
                     raise ArtifactError(f"{self.uri}/{e.path} does not match its manifest digest: the artifact is "
                                         "corrupt or was modified; remove it (or rerun its stage with force)")
@@ -505,7 +641,7 @@ def resolve_parquet_files(path_or_url: str | os.PathLike, storage_options: dict 
                                 "or an artifact folder")
     artifact = ArtifactDir(fs, path)
     if artifact.exists():
-        return artifact.files(".parquet")
+        return [str(p) for p in artifact.local_files(".parquet")]
     found = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".parquet"))
     if not found:
         raise FileNotFoundError(f"no .parquet files in {target} (and no {MANIFEST}: if it is an artifact folder, "
@@ -535,12 +671,17 @@ class ArtifactStore:
 
     def _dir(self, stage: str, key: str) -> ArtifactDir:
         return ArtifactDir(self.fs, f"{self.root}/{_check_name('stage', stage)}/{_check_name('key', key)}",
-                           self.cache_dir)
+                           self.cache_dir, expect=(stage, key))
 
     def _dir_at(self, ref_or_uri: ArtifactRef | str) -> ArtifactDir:
         uri = ref_or_uri.uri if isinstance(ref_or_uri, ArtifactRef) else os.fspath(ref_or_uri)
         if uri.startswith(self.root_uri + "/"):
-            return ArtifactDir(self.fs, self.fs._strip_protocol(uri), self.cache_dir)
+            rel = uri[len(self.root_uri) + 1:].rstrip("/").split("/")
+            if len(rel) != 2 or not all(_NAME.fullmatch(p) for p in rel):
+                raise ArtifactError(f"{uri} is not an artifact folder of {self.root_uri} (<stage>/<key>)")
+            if isinstance(ref_or_uri, ArtifactRef) and tuple(rel) != (ref_or_uri.stage, ref_or_uri.key):
+                raise ArtifactError(f"the reference to {ref_or_uri.stage}/{ref_or_uri.key} points at {uri}: refusing it")
+            return self._dir(*rel)
         return open_artifact_dir(uri, cache_dir=self.cache_dir)  # outside this store, e.g. a `--out DIR`
 
     def uri(self, stage: str, key: str) -> str:
@@ -568,12 +709,45 @@ class ArtifactStore:
     def local_dir(self, ref: ArtifactRef | str) -> Path:
         return self._dir_at(ref).local_dir()
 
+    def local_files(self, ref: ArtifactRef | str, suffix: str | None = None) -> list[Path]:
+        """Local, verified paths of an artifact's files (downloaded once if the store is remote)."""
+        return self._dir_at(ref).local_files(suffix)
+
+    def check_exists(self) -> None:
+        """Raise unless the store's root exists (a mistyped bucket or folder lists as empty otherwise)."""
+        try:
+            found = self.fs.exists(self.root)
+        except PermissionError as e:
+            raise ArtifactError(f"cannot read the store {self.root_uri}: {e} (check credentials)") from None
+        if not found:
+            raise ArtifactError(f"no store at {self.root_uri}: the folder or bucket does not exist (check the URL "
+                                "and credentials; a new store is created by its first run)")
+
     def list(self, stage: str | None = None) -> list[Manifest]:
-        """Published manifests, sorted by stage then key."""
+        """Published manifests, sorted by stage then key. A manifest that is invalid or not at its own
+        stage/key folder is skipped with a warning: it is nobody's artifact."""
         self.fs.invalidate_cache()
         stages = [f"{self.root}/{_check_name('stage', stage)}"] if stage else self._stage_dirs()
-        found = [m for s in stages for k in _subdirs(self.fs, s) if (m := ArtifactDir(self.fs, k).manifest())]
+        found = []
+        for stage_dir in stages:
+            for key_dir in _subdirs(self.fs, stage_dir):
+                state, manifest = self._trusted(key_dir)
+                if manifest is not None:
+                    found.append(manifest)
         return sorted(found, key=lambda m: (m.stage, m.key))
+
+    def _trusted(self, key_dir: str) -> tuple[str, Manifest | None]:
+        """("published", manifest), ("absent", None) or ("untrusted", None) for a <stage>/<key> folder."""
+        stage, key = _basename(key_dir.rsplit("/", 1)[0]), _basename(key_dir)
+        if not (_NAME.fullmatch(stage) and _NAME.fullmatch(key)):
+            log.warning("skipping %s: not a <stage>/<key> folder name", _url(self.fs, key_dir))
+            return "untrusted", None
+        try:
+            manifest = ArtifactDir(self.fs, key_dir, expect=(stage, key)).manifest()
+        except ArtifactError as e:
+            log.warning("skipping an untrusted manifest: %s", e)
+            return "untrusted", None
+        return ("published", manifest) if manifest else ("absent", None)
 
     def _stage_dirs(self) -> list[str]:
         return [d for d in _subdirs(self.fs, self.root) if not _basename(d).startswith("_")]
@@ -589,13 +763,14 @@ class ArtifactStore:
         `grace_seconds` is touched (a write in progress must survive; keep it above your longest stage).
         """
         now = time.time()
-        manifests = self.list()
+        self.fs.invalidate_cache()
+        folders = {k: self._trusted(k) for s in self._stage_dirs() for k in _subdirs(self.fs, s)}
+        manifests = [m for _, m in folders.values() if m is not None]
         published = {(m.stage, m.key): m for m in manifests}
         keep = {m.key for m in manifests} if roots is None else self._reachable(roots, manifests)
         doomed = []
-        for stage_dir in self._stage_dirs():
-            for key_dir in _subdirs(self.fs, stage_dir):
-                manifest = published.get((_basename(stage_dir), _basename(key_dir)))
+        for key_dir, (state, manifest) in folders.items():
+            if state != "untrusted":  # a folder whose manifest cannot be trusted is left alone: a person decides
                 doomed += self._gc_key_dir(key_dir, manifest, keep, now, grace_seconds)
         for stage_dir in _subdirs(self.fs, f"{self.root}/{CHECKPOINTS}"):
             doomed += [d for d in _subdirs(self.fs, stage_dir) if (_basename(stage_dir), _basename(d)) in published
@@ -649,7 +824,11 @@ class ArtifactStore:
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm(target, recursive=True)  # leftovers of an interrupted save of this step
         files = _upload_dir(self.fs, local_dir, target)
-        self.fs.pipe_file(f"{target}/{COMPLETE}", json.dumps({"step": step, "files": len(files)}).encode())
+        digests = {}
+        for rel in files:
+            with open(Path(local_dir) / rel, "rb") as f:
+                digests[rel.as_posix()] = _hash_stream(f)[1]
+        self.fs.pipe_file(f"{target}/{COMPLETE}", json.dumps({"step": step, "files": digests}).encode())
         return _url(self.fs, target)
 
     def _steps(self, stage: str, key: str) -> dict[int, bool]:
@@ -669,10 +848,40 @@ class ArtifactStore:
             return None
         step = max(complete)
         path = self._checkpoint_path(stage, key, step)
+        digests = self._checkpoint_digests(path)
         if _is_local(self.fs):
-            return step, Path(path)
-        remote = {p: p[len(path) + 1:] for p in self.fs.find(path)}  # includes COMPLETE
-        return step, _download_once(self.fs, remote, self._checkpoint_cache(stage, key, step), f"step-{step}")
+            folder = Path(path)
+            for rel, sha in digests.items():
+                entry = FileEntry(path=f"x/{rel}", size=os.path.getsize(_inside(folder, rel)), sha256=sha)
+                _verify_local(str(folder / rel), path, entry, f"{_url(self.fs, path)}/{rel}")
+            return step, folder
+        # Only the files COMPLETE lists, each checked: a planted extra object never reaches the loader.
+        remote = {f"{path}/{rel}": rel for rel in digests}
+        marker = hashlib.sha256(canonical_json(digests).encode()).hexdigest()
+
+        def verify(tmp: Path) -> None:
+            for rel, sha in digests.items():
+                with open(tmp / rel, "rb") as f:
+                    if _hash_stream(f)[1] != sha:
+                        raise ArtifactError(f"{_url(self.fs, path)}/{rel} does not match the digest in its "
+                                            f"{COMPLETE}: the checkpoint is corrupt or was modified; remove it")
+
+        cache = _inside(self.cache_dir, f"{CHECKPOINTS}/{stage}/{key}/step-{step:08d}")
+        return step, _download_once(self.fs, remote, cache, marker, verify)
+
+    def _checkpoint_digests(self, path: str) -> dict[str, str]:
+        """The file -> sha256 list in a checkpoint's COMPLETE marker, every name checked."""
+        shown = f"{_url(self.fs, path)}/{COMPLETE}"
+        try:
+            listed = json.loads(self.fs.cat_file(f"{path}/{COMPLETE}"))["files"]
+            if not isinstance(listed, dict):
+                raise TypeError("no file digests (written by an older version)")
+            for rel, sha in listed.items():
+                FileEntry(path=f"x/{rel}", size=0, sha256=sha)  # the same name and digest rules as manifests
+        except (ValueError, KeyError, TypeError) as e:
+            raise ArtifactError(f"{shown} is not a valid checkpoint marker ({str(e).splitlines()[0]}): remove that "
+                                "checkpoint folder to restart the stage from scratch") from None
+        return listed
 
     def _checkpoint_cache(self, stage: str, key: str, step: int) -> Path:
         return self.cache_dir / CHECKPOINTS / stage / key / f"step-{step:08d}"

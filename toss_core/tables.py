@@ -18,6 +18,7 @@ Rows are sorted by `sample_id` inside a file; a table may be split over several 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import queue
 import threading
@@ -53,6 +54,11 @@ MASK_V2_SCHEMA = pa.schema(
     ]
 )
 
+# Every documented column, by name: what a streamed column is checked against.
+_KNOWN = {f.name: f for schema in (TOKENS_SCHEMA, SCORES_SCHEMA, MASK_SCHEMA, MASK_V2_SCHEMA) for f in schema}
+
+# Columns that may never hold a null (the row's identity and the per-token lists).
+_ROW_KEYS = {"sample_id", "ids_digest", "input_ids", "response_mask", "loss", "discard_pos", "discard"}
 
 ROWS_PER_GROUP = 4096  # row groups of every table the stages write: bounded memory when streamed
 
@@ -87,6 +93,31 @@ def list_offsets(column: pa.ChunkedArray | pa.ListArray) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
 
 
+@contextlib.contextmanager
+def parquet_errors(source) -> Iterator[None]:
+    """pyarrow's errors on a damaged or foreign file, as one TableError naming the file."""
+    try:
+        yield
+    except (pa.ArrowException, OSError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise TableError(f"{source}: not a readable Parquet table ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200]})") from None
+
+
+def _same_kind(actual: pa.DataType, expected: pa.DataType) -> bool:
+    """Types a reader can use as the documented one: any integer width, any float width, (large) string."""
+    if pa.types.is_list(expected) or pa.types.is_large_list(expected):
+        return (pa.types.is_list(actual) or pa.types.is_large_list(actual)) and _same_kind(actual.value_type,
+                                                                                             expected.value_type)
+    for kind in (pa.types.is_integer, pa.types.is_floating, pa.types.is_boolean):
+        if kind(expected):
+            return kind(actual)
+    if pa.types.is_string(expected):
+        return pa.types.is_string(actual) or pa.types.is_large_string(actual)
+    return actual == expected
+
+
 def check_columns(table_or_schema: pa.Table | pa.Schema, expected: pa.Schema, source: str) -> None:
     schema = table_or_schema.schema if isinstance(table_or_schema, pa.Table) else table_or_schema
     missing = [f.name for f in expected if f.name not in schema.names]
@@ -95,6 +126,59 @@ def check_columns(table_or_schema: pa.Table | pa.Schema, expected: pa.Schema, so
             f"{source}: missing column(s) {missing}; found {schema.names}. Expected the documented columns "
             f"{expected.names} (see toss_core/tables.py)."
         )
+    for field in expected:
+        actual = schema.field(field.name).type
+        if not _same_kind(actual, field.type):
+            raise TableError(f"{source}: column `{field.name}` is {actual}, expected {field.type} "
+                             "(see toss_core/tables.py)")
+
+
+def _sample_at(table: pa.Table, row: int) -> str:
+    return f"sample {table.column('sample_id')[row].as_py()} (row {row})"
+
+
+def _no_nulls(table: pa.Table, columns: Sequence[str], source: str) -> None:
+    for name in columns:
+        column = table.column(name)
+        if column.null_count:
+            row = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
+            raise TableError(f"{source}: {_sample_at(table, row) if name != 'sample_id' else f'row {row}'}: "
+                             f"`{name}` is null")
+        if pa.types.is_list(column.type):
+            values = pc.list_flatten(column)
+            if values.null_count:
+                lengths = np.diff(list_offsets(column))
+                row = int(np.searchsorted(np.cumsum(lengths), np.flatnonzero(
+                    values.is_null().to_numpy(zero_copy_only=False))[0], side="right"))
+                raise TableError(f"{source}: {_sample_at(table, row)}: `{name}` holds a null value")
+
+
+def check_lengths(table: pa.Table, column: str, token_lengths: np.ndarray, source: str, what: str = "tokens") -> None:
+    """Raise unless every row's `column` list is exactly as long as its token row (a shifted or truncated
+    row would otherwise be applied to the wrong positions)."""
+    lengths = np.diff(list_offsets(table.column(column)))
+    if len(lengths) != len(token_lengths):
+        raise TableError(f"{source}: {len(lengths)} rows for {len(token_lengths)} token rows")
+    if (bad := np.flatnonzero(lengths != token_lengths)).size:
+        i = int(bad[0])
+        raise TableError(f"{source}: {_sample_at(table, i)}: `{column}` has {int(lengths[i])} entries for "
+                         f"{int(token_lengths[i])} {what} (a shifted, truncated or foreign row)")
+
+
+def check_token_rows(table: pa.Table, source: str) -> None:
+    """A token table's rows: no nulls, response_mask as long as input_ids, ids_digest matching input_ids."""
+    _no_nulls(table, ["sample_id", "input_ids", "response_mask", "ids_digest"], source)
+    check_lengths(table, "response_mask", np.diff(list_offsets(table.column("input_ids"))), source)
+    ids = table.column("input_ids").combine_chunks() if isinstance(table.column("input_ids"), pa.ChunkedArray) \
+        else table.column("input_ids")
+    digests = table.column("ids_digest").to_pylist()
+    offsets, flat = list_offsets(ids), flat_values(ids, np.int64)
+    if len(flat) and (flat.min() < np.iinfo(np.int32).min or flat.max() > np.iinfo(np.int32).max):
+        raise TableError(f"{source}: `input_ids` holds values outside int32")
+    for row, (lo, hi) in enumerate(zip(offsets[:-1], offsets[1:])):
+        if ids_digest(flat[lo:hi]) != digests[row]:
+            raise TableError(f"{source}: {_sample_at(table, row)}: `ids_digest` does not match its input_ids "
+                             "(the table was changed after tokenizing)")
 
 
 def mask_layout(files: Sequence[str], filesystem=None) -> str:
@@ -102,12 +186,14 @@ def mask_layout(files: Sequence[str], filesystem=None) -> str:
     in every file of the mask."""
     found = set()
     for f in files:
-        names = pq.read_schema(f, filesystem=filesystem).names
+        with parquet_errors(f):
+            schema = pq.read_schema(f, filesystem=filesystem)
+        names = schema.names
         if "discard_pos" in names:
-            check_columns(pq.read_schema(f, filesystem=filesystem), MASK_SCHEMA, str(f))
+            check_columns(schema, MASK_SCHEMA, str(f))
             found.add("discard_pos")
         elif "discard" in names:
-            check_columns(pq.read_schema(f, filesystem=filesystem), MASK_V2_SCHEMA.remove(3), str(f))
+            check_columns(schema, MASK_V2_SCHEMA.remove(3), str(f))
             found.add("discard")
         else:
             raise TableError(f"{f}: not a mask table: no `discard_pos` column (nor the earlier `discard`); found "
@@ -123,7 +209,9 @@ def read_mask(files: Sequence[str], filesystem=None) -> pa.Table:
     """A mask table (either layout) sorted by sample_id, with only the columns readers need."""
     column = mask_layout(files, filesystem)
     expected = MASK_SCHEMA if column == "discard_pos" else MASK_V2_SCHEMA.remove(3)
-    return read_table(files, expected, ["sample_id", "ids_digest", column], filesystem)
+    table = read_table(files, expected, ["sample_id", "ids_digest", column], filesystem)
+    _no_nulls(table, ["sample_id", "ids_digest", column], f"mask {list(map(str, files))}")
+    return table
 
 
 def discard_flags(mask: pa.Table, token_offsets: np.ndarray, source: str = "mask") -> np.ndarray:
@@ -142,9 +230,14 @@ def discard_flags(mask: pa.Table, token_offsets: np.ndarray, source: str = "mask
             raise TableError(f"{source}: {len(counts)} rows for {n_rows} token rows")
         row = np.repeat(np.arange(n_rows), counts)
         lengths = np.diff(token_offsets)
+        same_row = row[1:] == row[:-1]
+        if len(pos) > 1 and (bad := np.flatnonzero(same_row & (pos[1:] <= pos[:-1]))).size:
+            i = int(row[bad[0] + 1])
+            raise TableError(f"{source}: {_sample_at(mask, i)}: `discard_pos` is not sorted and unique "
+                             "(a corrupt or foreign mask)")
         if len(pos) and ((bad := (pos < 0) | (pos >= lengths[row])).any()):
             i = int(np.flatnonzero(bad)[0])
-            raise TableError(f"{source}: sample {mask.column('sample_id')[int(row[i])].as_py()}: discard_pos "
+            raise TableError(f"{source}: {_sample_at(mask, int(row[i]))}: discard_pos "
                              f"{int(pos[i])} is outside its {int(lengths[row[i]])} tokens (a corrupt or foreign mask)")
         out[token_offsets[:-1][row] + pos] = True
         return out
@@ -152,7 +245,7 @@ def discard_flags(mask: pa.Table, token_offsets: np.ndarray, source: str = "mask
     lengths = np.diff(list_offsets(column))
     if len(lengths) != n_rows or not np.array_equal(lengths, np.diff(token_offsets)):
         bad = int(np.flatnonzero(lengths != np.diff(token_offsets))[0]) if len(lengths) == n_rows else 0
-        raise TableError(f"{source}: sample {mask.column('sample_id')[bad].as_py()}: its `discard` list has "
+        raise TableError(f"{source}: {_sample_at(mask, bad)}: its `discard` list has "
                          f"{int(lengths[bad]) if len(lengths) > bad else 0} entries for "
                          f"{int(np.diff(token_offsets)[bad])} tokens (a corrupt or foreign mask)")
     return flat_values(column, bool).copy()
@@ -174,9 +267,18 @@ def read_table(files: Sequence[str], expected: pa.Schema, columns: Sequence[str]
         raise TableError("no Parquet files to read")
     parts = []
     for f in files:
-        schema = pq.read_schema(f, filesystem=filesystem)
-        check_columns(schema, expected, f)
-        parts.append(pq.read_table(f, columns=list(columns) if columns else None, filesystem=filesystem))
+        with parquet_errors(f):
+            schema = pq.read_schema(f, filesystem=filesystem)
+            check_columns(schema, expected, f)
+            part = pq.read_table(f, columns=list(columns) if columns else None, filesystem=filesystem)
+            # One type per column across shards (an int64 shard next to an int32 one would not concatenate).
+            part = part.cast(pa.schema([expected.field(n) if n in expected.names else part.schema.field(n)
+                                        for n in part.column_names]))
+        if expected is TOKENS_SCHEMA and {"input_ids", "response_mask", "ids_digest"} <= set(part.column_names):
+            check_token_rows(part, str(f))
+        else:
+            _no_nulls(part, [n for n in part.column_names if n in expected.names and n in _ROW_KEYS], str(f))
+        parts.append(part)
     table = pa.concat_tables(parts).combine_chunks()
     return sort_by_sample(table)
 
@@ -201,17 +303,31 @@ def iter_batches(files: Sequence[str], columns: Sequence[str], batch_rows: int, 
     """
     firsts = []
     for f in files:
-        pf = pq.ParquetFile(f, filesystem=filesystem)
-        if pf.metadata.num_rows == 0:
-            continue
-        first = pf.read_row_group(0, columns=["sample_id"]).column(0)[0].as_py()
+        with parquet_errors(f):
+            pf = pq.ParquetFile(f, filesystem=filesystem)
+            if missing := [c for c in columns if c not in pf.schema_arrow.names]:
+                raise TableError(f"{f}: missing column(s) {missing}; found {pf.schema_arrow.names} "
+                                 "(see toss_core/tables.py)")
+            check_columns(pf.schema_arrow, pa.schema([_KNOWN[c] for c in columns if c in _KNOWN]), str(f))
+            if pf.metadata.num_rows == 0:
+                continue
+            first = pf.read_row_group(0, columns=["sample_id"]).column(0)[0].as_py()
+        if first is None:
+            raise TableError(f"{f}: row 0: `sample_id` is null")
         firsts.append((first, f))
     last_id = None
     for _, f in sorted(firsts):
         # pre_buffer=False: pyarrow's read cache keeps every pre-buffered column chunk until the file is
         # closed (apache/arrow#39808), so a streamed file would end up resident in full.
-        pf = pq.ParquetFile(f, filesystem=filesystem, pre_buffer=False)
-        for batch in pf.iter_batches(batch_size=batch_rows, columns=list(columns)):
+        with parquet_errors(f):
+            pf = pq.ParquetFile(f, filesystem=filesystem, pre_buffer=False)
+            batches = pf.iter_batches(batch_size=batch_rows, columns=list(columns))
+        while True:
+            with parquet_errors(f):
+                batch = next(batches, None)
+            if batch is None:
+                break
+            _no_nulls(pa.Table.from_batches([batch]), [c for c in columns if c in _ROW_KEYS], str(f))
             ids = batch.column("sample_id").to_numpy()
             if (last_id is not None and ids[0] <= last_id) or np.any(np.diff(ids) <= 0):
                 raise TableError(f"{f}: sample_id not strictly increasing across shards (overlapping shards?)")
@@ -269,11 +385,21 @@ class RowStream:
 
     def __init__(self, files: Sequence[str], columns: Sequence[str], batch_rows: int = ROWS_PER_GROUP, filesystem=None,
                  background: bool = False):
+        self.files, self._filesystem = [str(f) for f in files], filesystem
         self._batches = iter_batches(files, columns, batch_rows, filesystem)
         if background:
             self._batches = prefetch(self._batches)
         self._pending: list[pa.Table] = []
         self._pending_rows = 0
+
+    def where(self, sample_id: int) -> str:
+        """The file holding a sample (for error messages: read only when something is wrong)."""
+        for f in self.files:
+            with contextlib.suppress(Exception):
+                ids = pq.read_table(f, columns=["sample_id"], filesystem=self._filesystem).column(0)
+                if pc.any(pc.equal(ids, sample_id)).as_py():
+                    return f
+        return ", ".join(self.files)
 
     def take(self, n: int, exact: bool = True) -> pa.Table:
         """The next n rows; with exact=False, fewer when the table ends."""

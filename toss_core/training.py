@@ -176,7 +176,10 @@ def masked_loss(nll: torch.Tensor, labels: torch.Tensor, norm: str, step_tokens:
 # ---- checkpoints --------------------------------------------------------------------------------
 
 def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    # Tensors, tuples and numbers only, so the file loads with torch.load(weights_only=True).
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -184,7 +187,8 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -206,7 +210,7 @@ def train_lora(
     on_step: Callable[[int, int, dict], None] | None = None,
 ) -> dict:
     """Train a fresh LoRA adapter on `examples`; save it (PEFT format) to `out_dir`; return metrics."""
-    from toss_core.distributed import make_engine
+    from toss_core.distributed import make_engine, safe_load
 
     if not examples:
         raise TrainingError(f"{desc}: no training examples (is the data set empty, or every label masked?)")
@@ -230,7 +234,7 @@ def train_lora(
     if checkpoints is not None and (found := checkpoints.latest()) is not None:
         start_step, path = found
         engine.load_state(path)
-        _set_rng_state(torch.load(Path(path) / "rng.pt", weights_only=False))
+        _set_rng_state(safe_load(Path(path) / "rng.pt"))
         engine.print(f"{desc}: resuming from the checkpoint at step {start_step}/{total_steps}")
 
     history: list[dict] = []
