@@ -39,7 +39,8 @@ def s3_endpoint():
         try:
             host, port = server.get_host_and_port()
             endpoint = f"http://{host}:{port}"
-            s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}).mkdir("bucket")
+            # moto keeps its buckets in the process: a later module's server already has it
+            s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}).makedirs("bucket", exist_ok=True)
             yield endpoint
         finally:
             s3fs.S3FileSystem.clear_instance_cache()
