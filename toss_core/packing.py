@@ -97,6 +97,12 @@ def plan_batches(lengths: np.ndarray, max_tokens: int, packing: bool,
     mixed sets, such as a training step's random samples."""
     lengths = np.asarray(lengths)
     padded = [[[int(i)] for i in b] for b in length_batches(lengths, max_tokens)]
+    return _cheaper(lengths, padded, max_tokens, packing, hidden_size)
+
+
+def _cheaper(lengths: np.ndarray, padded: list[list[list[int]]], max_tokens: int, packing: bool,
+             hidden_size: int) -> tuple[list[list[list[int]]], bool]:
+    """The packed plan within `max_tokens` per batch if allowed and cheaper than `padded`, else `padded`."""
     if not packing or not len(lengths):
         return padded, False
     packed = pack_rows(lengths, max_tokens)
@@ -115,12 +121,8 @@ def micro_batches(lengths: np.ndarray, micro_batch_size: int, packing: bool,
     lengths = np.asarray(lengths)
     order = np.argsort(lengths, kind="stable")  # short to long
     padded = [[[int(i)] for i in order[k : k + micro_batch_size]] for k in range(0, len(order), micro_batch_size)]
-    if not packing or not len(lengths):
-        return padded, False
-    packed = pack_rows(lengths, micro_batch_size * int(lengths.max()))
-    if plan_cost(lengths, packed, hidden_size) < plan_cost(lengths, padded, hidden_size):
-        return packed, True
-    return padded, False
+    budget = micro_batch_size * int(lengths.max()) if len(lengths) else 0
+    return _cheaper(lengths, padded, budget, packing, hidden_size)
 
 
 def label_targets(batch: "Batch", name: str = "labels") -> torch.Tensor:
