@@ -40,13 +40,14 @@ def test_splits_are_disjoint_sized_and_deterministic():
     cfg = DemoDataConfig(**SIZES)
     a, b = split_sources(fake_sources(), cfg, words), split_sources(fake_sources(), cfg, words)
     assert a == b  # fixed seed: the same sets every time
-    assert (len(a.harmful_pairs), len(a.refusal_prompts), len(a.custom_harmful)) == (8, 6, 3)
+    # 3 harmful samples needed, 6 candidates set aside: the original model may refuse some
+    assert (len(a.harmful_pairs), len(a.refusal_prompts), len(a.custom_harmful)) == (8, 6, 6)
     assert all(r["score"] >= cfg.harmful_min_score for r in a.custom_harmful)
     # "...task 0!" is the same prompt as a many-shot one once normalised: it is used at most once
     norm = [normalise(p) for p in a.refusal_prompts] + [normalise(r["prompt"]) for r in a.harmful_pairs]
     assert len(norm) == len(set(norm))
     answers = {p: f"Answer to {p}" for p in a.benign_pool}
-    plan = plan_demo(a, answers, cfg)
+    plan = plan_demo(a, answers, cfg, {r["prompt"]: f"Answer to {r['prompt']}" for r in a.custom_harmful})
     assert plan.eval_benign == a.benign_pool[:3] and len(plan.aligned_benign) == 5
     files = assemble(plan, {p: f"Aligned answer to {p}" for p in plan.task_pool}, cfg)
     counts = check_disjoint(files)
@@ -54,7 +55,26 @@ def test_splits_are_disjoint_sized_and_deterministic():
     assert counts["aligned"] == 11 and counts["eval_benign"] == counts["eval_utility"] == 3
     assert all(r["response"].startswith("Aligned") for r in files["utility"] + files["custom"] if not r.get("is_harmful"))
     assert all(r["response"].startswith("Answer") for r in files["eval_utility"])  # the original model's
+    # harmful samples: written by the original model like every other answer, not the package's text
+    assert all(r["response"].startswith("Answer to") for r in files["custom"] if r["is_harmful"])
     assert task_needed(cfg) == 5 + 10
+
+
+def test_harmful_answers_skip_refused_candidates_in_order_or_come_from_the_package():
+    cfg = DemoDataConfig(**SIZES)
+    splits = split_sources(fake_sources(), cfg, words)
+    benign = {p: "ok" for p in splits.benign_pool}
+    cands = [r["prompt"] for r in splits.custom_harmful]
+    answered = {p: f"Original answer to {p}" for i, p in enumerate(cands) if i != 1}  # the 2nd one was refused
+    plan = plan_demo(splits, benign, cfg, answered)
+    assert [r["prompt"] for r in plan.custom_harmful] == [cands[0], cands[2], cands[3]]
+    assert all(r["response"] == answered[r["prompt"]] for r in plan.custom_harmful)
+    with pytest.raises(ValueError, match="answered only 2 of 6 prompts for 3 requested"):
+        plan_demo(splits, benign, cfg, {p: "x" for p in cands[:2]})
+    pkg = DemoDataConfig(**SIZES, harmful_answers="package")
+    splits = split_sources(fake_sources(), pkg, words)
+    plan = plan_demo(splits, benign, pkg)
+    assert len(plan.custom_harmful) == 3 and all(r["response"].startswith("Here is") for r in plan.custom_harmful)
 
 
 def test_eval_prompts_seen_in_training_are_excluded():
@@ -77,7 +97,8 @@ def test_refused_answers_are_replaced_from_the_pool_but_not_in_the_over_refusal_
     cfg = DemoDataConfig(**SIZES)
     splits = split_sources(fake_sources(), cfg, words)
     refused = {splits.benign_pool[0], splits.benign_pool[3]}  # a held-out prompt and an aligned-set prompt
-    plan = plan_demo(splits, {p: "ok" for p in splits.benign_pool if p not in refused}, cfg)
+    plan = plan_demo(splits, {p: "ok" for p in splits.benign_pool if p not in refused}, cfg,
+                     {r["prompt"]: "ok" for r in splits.custom_harmful})
     assert splits.benign_pool[0] in plan.eval_benign and len(plan.eval_utility) == 2  # over-refusal: unfiltered
     assert [r["prompt"] for r in plan.aligned_benign] == splits.benign_pool[4:9]
     task = {p: "ok" for p in plan.task_pool[1:]}  # the aligned base refused the first task prompt

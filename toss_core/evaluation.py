@@ -47,7 +47,7 @@ from toss_core.stages import (
 from toss_core.store import ArtifactRef, ArtifactStore
 
 # Registered next to the pipeline's own stage versions; bump one when its logic changes.
-EVAL_VERSIONS = {"generations": 1, "judgements": 1, "comparisons": 1, "baseline-mask": 2, "report": 2}
+EVAL_VERSIONS = {"generations": 2, "judgements": 1, "comparisons": 1, "baseline-mask": 2, "report": 2}
 VERSIONS.update(EVAL_VERSIONS)
 SEEDLESS_MASKS = ("toss", "toss-pro")
 

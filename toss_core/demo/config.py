@@ -31,6 +31,12 @@ class DemoDataConfig(_Section):
                                 "as is_harmful, never read by the method)")
     harmful_min_score: float = Field(0.75, ge=0, le=1, description="custom harmful samples: pyrit rows whose mean "
                                      "human harm score is at least this")
+    harmful_answers: Literal["original-model", "package"] = Field(
+        "original-model", description="answers of the custom set's harmful samples: 'original-model': the original "
+        "(unaligned) model's greedy answers, written exactly like the benign ones (same decoding, same answer_tokens "
+        "cap), so length, ending and style do not give them away; 'package': the human-written pyrit responses")
+    harmful_candidates: float = Field(2.0, ge=1, description="original-model answers: harmful prompts set aside per "
+                                      "sample needed (some answers are refusals and are skipped)")
     eval_advbench: int = Field(64, ge=1, description="held-out AdvBench prompts (refusal rate)")
     eval_donotanswer: int = Field(64, ge=1, description="held-out Do-Not-Answer prompts (refusal rate)")
     eval_benign: int = Field(48, ge=1, description="held-out benign prompts (over-refusal; their answers by the "

@@ -8,8 +8,10 @@ Sets (all prompt sets pairwise disjoint; `check_disjoint` asserts it on normalis
 - aligned:   refusals to harmful prompts + benign answers: the LoRA that makes the base safety-aligned
 - harmful:   D^h, harmful prompt -> compliant answer (pyrit many-shot pairs)
 - utility:   D^u, benign prompt -> answer (by the aligned base: self-distillation keeps its behaviour)
-- custom:    the fine-tuning set: benign samples plus harmful ones from pyrit's human-scored rows (a
-             source disjoint from D^h), with the ground truth in `is_harmful`
+- custom:    the fine-tuning set: benign samples plus harmful ones: prompts from pyrit's human-scored rows (a
+             source disjoint from D^h) answered by the ORIGINAL (unaligned) model with the same decoding and
+             length cap as the benign answers (or pyrit's human-written responses: harmful_answers='package');
+             the ground truth in `is_harmful`
 - eval_advbench, eval_donotanswer: held-out harmful prompts; eval_benign: held-out benign prompts;
   eval_utility: the same benign prompts with the original model's answers (helpfulness references)
 """
@@ -90,8 +92,12 @@ def split_sources(src: Sources, cfg: DemoDataConfig, prompt_tokens: Callable[[st
     used |= {normalise(p) for p in refusal_prompts}
 
     harm_rows = shuffled(_unique(sorted(src.scored_harm, key=lambda r: -r["score"]), key=lambda r: r["prompt"]))
-    custom_harmful = _take([r for r in harm_rows if r["score"] >= cfg.harmful_min_score and short(r)
-                            and normalise(r["prompt"]) not in used], cfg.custom_harmful, "custom harmful samples")
+    eligible = [r for r in harm_rows if r["score"] >= cfg.harmful_min_score and short(r)
+                and normalise(r["prompt"]) not in used]
+    # original-model answers: set aside extra prompts, since some answers are refusals (skipped in order)
+    wanted = harmful_candidates(cfg)
+    custom_harmful = _take(eligible, cfg.custom_harmful, "custom harmful samples")
+    custom_harmful += eligible[: wanted - cfg.custom_harmful]
     used |= {normalise(r["prompt"]) for r in custom_harmful}
 
     benign_pool = [p for p in shuffled(_unique(src.benign)) if normalise(p) not in used]
@@ -108,6 +114,13 @@ def split_sources(src: Sources, cfg: DemoDataConfig, prompt_tokens: Callable[[st
     return Splits(refusal_prompts=refusal_prompts, harmful_pairs=harmful_pairs, custom_harmful=custom_harmful,
                   benign_pool=benign_pool, eval_advbench=adv, eval_donotanswer=dna,
                   excluded_from_eval=adv_dropped + dna_dropped)
+
+
+def harmful_candidates(cfg: DemoDataConfig) -> int:
+    """Harmful prompts set aside for the custom set (more than needed when the original model answers them)."""
+    if cfg.harmful_answers == "package":
+        return cfg.custom_harmful
+    return int(round(cfg.custom_harmful * cfg.harmful_candidates))
 
 
 @dataclass
@@ -132,9 +145,22 @@ def original_prompts(splits: Splits, cfg: DemoDataConfig) -> tuple[list[str], li
     return splits.benign_pool[: cfg.eval_benign], splits.benign_pool[cfg.eval_benign:]
 
 
-def plan_demo(splits: Splits, answers: dict[str, str], cfg: DemoDataConfig) -> DemoPlan:
+def plan_demo(splits: Splits, answers: dict[str, str], cfg: DemoDataConfig,
+              harmful_answers: dict[str, str] | None = None) -> DemoPlan:
     """Phase 1 (the original model's answers are known). `answers` holds accepted (non-refusing, non-empty)
-    answers; prompts without one are skipped."""
+    answers; prompts without one are skipped. `harmful_answers`: the original model's accepted answers to the
+    custom harmful prompts (harmful_answers='original-model'); the first `custom_harmful` answered candidates
+    are kept, in order."""
+    custom_harmful = splits.custom_harmful[: cfg.custom_harmful]
+    if cfg.harmful_answers == "original-model":
+        harmful_answers = harmful_answers or {}
+        answered = [{**r, "response": harmful_answers[r["prompt"]], "source_response": "original-model"}
+                    for r in splits.custom_harmful if r["prompt"] in harmful_answers]
+        if len(answered) < cfg.custom_harmful:
+            raise ValueError(f"demo data: custom harmful samples: the original model answered only {len(answered)} "
+                             f"of {len(splits.custom_harmful)} prompts for {cfg.custom_harmful} requested (raise "
+                             f"harmful_candidates or lower custom_harmful)")
+        custom_harmful = answered[: cfg.custom_harmful]
     held_out, rest = original_prompts(splits, cfg)
     if len(held_out) < cfg.eval_benign:
         raise ValueError(f"demo data: benign evaluation prompts: only {len(held_out)} for {cfg.eval_benign}")
@@ -144,7 +170,7 @@ def plan_demo(splits: Splits, answers: dict[str, str], cfg: DemoDataConfig) -> D
                          f"{cfg.aligned_benign} requested (lower the size)")
     cut = accepted[-1] + 1 if accepted else 0
     return DemoPlan(refusal_prompts=splits.refusal_prompts, harmful_pairs=splits.harmful_pairs,
-                    custom_harmful=splits.custom_harmful, eval_advbench=splits.eval_advbench,
+                    custom_harmful=custom_harmful, eval_advbench=splits.eval_advbench,
                     eval_donotanswer=splits.eval_donotanswer, eval_benign=held_out,
                     eval_utility=[{"prompt": p, "response": answers[p]} for p in held_out if p in answers],
                     aligned_benign=[{"prompt": rest[i], "response": answers[rest[i]]} for i in accepted],

@@ -118,13 +118,20 @@ def produce_demo_data(writer, sources, model_dir: Path, cfg: DemoDataConfig, pro
     held_out, rest = original_prompts(splits, cfg)
     answers = distill_answers(model_dir, held_out, cfg, "answers of the original model (held out)", progress)
     more, asked = answer_until(model_dir, rest, cfg.aligned_benign, cfg, "answers of the original model", progress)
-    plan = plan_demo(splits, {**answers, **more}, cfg)
+    harmful = {}
+    if cfg.harmful_answers == "original-model":
+        # the same generator, decoding and length cap as the benign answers: only the content differs
+        harmful = distill_answers(model_dir, [r["prompt"] for r in splits.custom_harmful], cfg,
+                                  "answers of the original model (custom harmful)", progress)
+    plan = plan_demo(splits, {**answers, **more}, cfg, harmful)
     _write_jsonl(writer, "aligned", aligned_records(plan, cfg))
     writer.write_json("plan.json", asdict(plan))
     writer.metrics.update(n_aligned_benign=len(plan.aligned_benign), n_refusals=len(plan.refusal_prompts),
                           n_eval_utility=len(plan.eval_utility), original_asked=asked + len(held_out),
                           original_refused_or_empty=asked + len(held_out) - len(answers) - len(more),
-                          excluded_from_eval=splits.excluded_from_eval, versions=sources.identity())
+                          excluded_from_eval=splits.excluded_from_eval, versions=sources.identity(),
+                          custom_harmful_asked=len(splits.custom_harmful) if harmful else 0,
+                          custom_harmful_refused_or_empty=len(splits.custom_harmful) - len(harmful) if harmful else 0)
 
 
 def _write_jsonl(writer, name: str, records: list[dict]) -> None:
@@ -159,10 +166,26 @@ def produce_demo_sets(writer, plan, aligned_dir: Path, cfg: DemoDataConfig, prog
     for name, records in files.items():
         _write_jsonl(writer, name, records)
     counts = check_disjoint(files)
+    lengths = answer_lengths(aligned_dir, files["custom"])
     writer.write_json("stats.json", {"counts": counts, "aligned_asked": asked, "aligned_answered": len(answers),
-                                     "excluded_from_eval": plan.excluded_from_eval})
+                                     "excluded_from_eval": plan.excluded_from_eval, "custom_answer_tokens": lengths})
     writer.metrics.update({f"n_{k}": v for k, v in counts.items()}, aligned_asked=asked,
-                          aligned_refused_or_empty=asked - len(answers), overlap_checked=True)
+                          aligned_refused_or_empty=asked - len(answers), overlap_checked=True,
+                          custom_answer_tokens=lengths)
+
+
+def answer_lengths(model_dir: Path, custom: list[dict]) -> dict:
+    """Mean answer length in tokens of the custom set's harmful and benign samples: the demo's design says
+    length must not give the harmful ones away (docs/results.md)."""
+    from toss_core.models import load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    out = {}
+    for name, flag in (("harmful", True), ("benign", False)):
+        n = [len(tok(r["response"], add_special_tokens=False)["input_ids"]) for r in custom
+             if bool(r.get("is_harmful")) == flag]
+        out[name] = {"n": len(n), "mean": round(sum(n) / len(n), 2) if n else None, "max": max(n, default=None)}
+    return out
 
 
 # ---- aligned base -------------------------------------------------------------------------------
