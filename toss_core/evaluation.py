@@ -120,7 +120,7 @@ def produce_judgements(writer, generation_files: list[str], judge_cfg: JudgeConf
         refusal_rate=100.0 * sum(refused) / len(refused) if refused else None,
         harm_mean=sum(harms) / len(harms) if harms else None,
         harm_unparsed=sum(r.harm is None for r in ratings) if judge_cfg.kind == "openai" else 0,
-        **_client_counters(judge))
+        **_client_counters(judge), **_judge_metrics(judge))
 
 
 def compare_plan(candidate: ArtifactRef, reference: ArtifactRef, judge: JudgeConfig, kind: str) -> StagePlan:
@@ -165,12 +165,18 @@ def produce_comparisons(writer, candidate_files: list[str], reference_files: lis
     writer.metrics.update(judge=judge_cfg.name, kind=kind, n=len(scores), win_rate=win_rate(forward, backward),
                           wins=sum(s == 1.0 for s in scores), ties=sum(s == 0.5 for s in scores),
                           losses=sum(s == 0.0 for s in scores), unparsed=getattr(judge, "unparsed", 0),
-                          **_client_counters(judge))
+                          **_client_counters(judge), **_judge_metrics(judge))
 
 
 def _client_counters(judge) -> dict:
     client = getattr(judge, "_client", None)
     return {"requests": client.requests, "cache_hits": client.cache_hits} if client is not None else {}
+
+
+def _judge_metrics(judge) -> dict:
+    """A judge's own numbers for the manifest (the classifier: its held-out accuracy and inference time)."""
+    metrics = getattr(judge, "metrics", None)
+    return metrics() if callable(metrics) else {}
 
 
 # ---- baseline masks -----------------------------------------------------------------------------
