@@ -293,7 +293,7 @@ class EvalConfig(_Section):
         + ", ".join(BASELINE_TERMS) + ". 'oracle' needs an is_harmful field in the custom data (skipped, with a "
         "note, when absent); 'toss-pro' is added by itself to TOSS-Pro runs")
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, description="fine-tune seeds: each method is "
-                             "fine-tuned once per seed; the report gives mean and spread (the random mask uses it too)")
+                             "fine-tuned once per seed; the report gives mean ± standard error (the random mask uses it too)")
     include_base: bool = Field(True, description="also evaluate the base model without any fine-tune (a row 'base')")
 
     @model_validator(mode="after")
