@@ -125,9 +125,14 @@ class Encoder:
         self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         self.model = AutoModel.from_pretrained(str(path), local_files_only=True).eval()
         self.batch_size = batch_size
+        self._lock = threading.Lock()  # one process-wide encoder; a fast tokenizer is not safe across threads
 
     def encode(self, texts: Sequence[str]):
         """[len(texts), 384] float32, unit length. Batches of similar length (less padding), original order."""
+        with self._lock:
+            return self._encode(texts)
+
+    def _encode(self, texts: Sequence[str]):
         import torch
 
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
