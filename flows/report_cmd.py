@@ -55,7 +55,7 @@ def report(
     out: Annotated[Optional[Path], typer.Option(help="copy report.md, results.json and scatter.png here")] = None,
     format: Annotated[str, typer.Option(help="what to print: markdown (the table) or json")] = "markdown",
 ) -> None:
-    """Print an evaluation report: one row per method, one column per metric, mean ± spread over seeds."""
+    """Print an evaluation report: one row per method, one column per metric, mean ± standard error over seeds."""
     if format not in ("markdown", "json"):
         _fail(f"--format {format}: choose markdown or json")
     try:

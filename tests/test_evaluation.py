@@ -23,7 +23,7 @@ from toss_core.baselines import (
     response_layout,
     write_baseline_mask,
 )
-from toss_core.report import scatter_png, summarize, to_markdown
+from toss_core.report import cohen_kappa, judge_agreement, scatter_png, summarize, to_markdown
 
 QUICK = Path(__file__).parents[1] / "configs" / "quick.yaml"
 
@@ -136,7 +136,7 @@ def rec(method, seed, metric, value, set_name=None, judge=None):
     return {"method": method, "seed": seed, "metric": metric, "set": set_name, "judge": judge, "value": value}
 
 
-def test_summary_table_has_methods_as_rows_and_mean_and_spread(tmp_path):
+def test_summary_table_has_methods_as_rows_and_mean_and_standard_error(tmp_path):
     records = [
         rec("standard", 0, "win", 50.0, "hexphi", "llm"), rec("standard", 1, "win", 50.0, "hexphi", "llm"),
         rec("toss", 0, "win", 80.0, "hexphi", "llm"), rec("toss", 1, "win", 90.0, "hexphi", "llm"),
@@ -153,12 +153,79 @@ def test_summary_table_has_methods_as_rows_and_mean_and_spread(tmp_path):
                       "mask precision %"]
     toss = summary["rows"][1]["cells"]
     assert toss["hexphi/win/llm"]["mean"] == 85.0 and toss["hexphi/win/llm"]["std"] == pytest.approx(7.0711, 1e-4)
+    assert toss["hexphi/win/llm"]["se"] == pytest.approx(5.0) and toss["hexphi/win/llm"]["n"] == 2  # SD / sqrt(2)
     assert toss["win-avg/llm"]["values"] == {"0": 70.0, "1": 80.0}  # the paper's avg, per seed
     md = to_markdown(summary, "t")
-    assert "| toss | 85.0 ± 7.1 | 50.0 ± 14.1 | 65.0 ± 7.1 | 75.0 ± 7.1 | 0.600 ± 0.141 | 75.0 |" in md
+    assert "| toss | 85.0 ± 5.0 | 50.0 ± 10.0 | 65.0 ± 5.0 | 75.0 ± 5.0 | 0.600 ± 0.100 | 75.0 |" in md
     assert "| standard | 50.0 ± 0.0 | - | - | 50.0 ± 0.0 | 0.600 ± 0.000 | - |" in md
+    assert "mean ± standard error (SE = sample SD / √n) over n = 2 fine-tune seeds" in md
     assert scatter_png(summary, tmp_path / "s.png")
     assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_cell_with_another_number_of_seeds_shows_its_n():
+    records = [rec(m, s, "utility-loss", v) for m, s, v in
+               [("a", 0, 1.0), ("a", 1, 2.0), ("a", 2, 3.0), ("b", 0, 1.0), ("b", 1, 2.0), ("b", 2, 3.0),
+                ("c", 0, 1.0), ("c", 1, 3.0), ("base", None, 2.5)]]
+    md = to_markdown(summarize(records, ["base", "a", "b", "c"], []))
+    assert "| a | 2.000 ± 0.577 |" in md  # SD 1, n = 3
+    assert "| c | 2.000 ± 1.000 (n=2) |" in md and "| base | 2.500 |" in md
+    assert "over n = 3 fine-tune seeds" in md
+
+
+def refusal_rec(method, seed, set_name, judge, refused, rated):
+    return {**rec(method, seed, "refusal", 100.0 * refused / rated, set_name, judge), "refused": refused,
+            "rated": rated}
+
+
+def test_pooled_harmful_refusal_is_refused_over_rated_across_harmful_sets():
+    sets = [("small", "harmful"), ("large", "harmful"), ("chat", "benign")]
+    records = [
+        # seed 0: 2/10 and 24/30 -> 26/40 = 65 % (the mean of the two rates would be 50 %)
+        refusal_rec("toss", 0, "small", "kw", 2, 10), refusal_rec("toss", 0, "large", "kw", 24, 30),
+        # seed 1: 4/10 and 21/30 -> 25/40 = 62.5 %
+        refusal_rec("toss", 1, "small", "kw", 4, 10), refusal_rec("toss", 1, "large", "kw", 21, 30),
+        rec("toss", 0, "over-refusal", 90.0, "chat", "kw"), rec("toss", 1, "over-refusal", 90.0, "chat", "kw"),
+        # another judge, one seed: 5/10 and 15/30 -> 50 %
+        refusal_rec("toss", 0, "small", "clf", 5, 10), refusal_rec("toss", 0, "large", "clf", 15, 30),
+        # no counts (an older record): no pooled value for this group
+        rec("standard", 0, "refusal", 10.0, "small", "kw"),
+    ]
+    summary = summarize(records, ["standard", "toss"], sets, ["kw", "clf"],
+                        meta={"sets": [list(s) for s in sets]})
+    ids = [c["id"] for c in summary["columns"]]
+    assert ids[:2] == ["refusal-pooled/kw", "refusal-pooled/clf"]  # first, before the per-set columns
+    assert summary["columns"][0]["label"] == "harmful refusal % (pooled) [kw]"
+    toss = summary["rows"][1]["cells"]
+    assert toss["refusal-pooled/kw"]["values"] == {"0": 65.0, "1": 62.5}
+    assert toss["refusal-pooled/kw"]["mean"] == pytest.approx(63.75)
+    assert toss["refusal-pooled/kw"]["se"] == pytest.approx(1.25)  # SD 2.5/sqrt(2), over sqrt(2)
+    assert toss["refusal-pooled/clf"]["values"] == {"0": 50.0} and toss["refusal-pooled/clf"]["se"] is None
+    assert "refusal-pooled/kw" not in summary["rows"][0]["cells"]  # standard: a record without counts
+    pooled = [r for r in summary_records(records) if r["metric"] == "refusal-pooled" and r["judge"] == "kw"]
+    assert {(r["seed"], r["refused"], r["rated"]) for r in pooled} == {(0, 26, 40), (1, 25, 40)}
+
+
+def summary_records(records):
+    from toss_core.report import with_pooled_refusal
+
+    return with_pooled_refusal(records)
+
+
+def test_cohen_kappa_by_hand():
+    # A refuses 25 of 50, B 30 of 50, they agree on 20 + 15: p_o = 0.7, p_e = 0.5*0.6 + 0.5*0.4 = 0.5
+    assert cohen_kappa(both=20, only_a=5, only_b=10, neither=15) == pytest.approx(0.4)
+    assert cohen_kappa(10, 0, 0, 5) == pytest.approx(1.0)
+    assert cohen_kappa(0, 5, 5, 0) == pytest.approx(-1.0)  # always disagree, balanced
+    assert cohen_kappa(0, 0, 72, 80) == 0.0  # A never refuses: agreement is what chance gives, exactly 0
+    assert cohen_kappa(0, 0, 0, 12) is None  # both always say no: chance agreement is 1, kappa undefined
+    assert cohen_kappa(0, 0, 0, 0) is None
+    (row,) = judge_agreement({("kw", "clf"): [20, 5, 10, 15]})
+    assert row["judges"] == ["kw", "clf"] and row["n"] == 50 and row["agreement"] == pytest.approx(70.0)
+    assert row["kappa"] == pytest.approx(0.4) and (row["refused_a"], row["refused_b"]) == (50.0, 60.0)
+    md = to_markdown(summarize([rec("toss", 0, "utility-loss", 1.0)], ["toss"], [], agreement=[row]))
+    assert "## Judge agreement on refused" in md
+    assert "| kw / clf | 50 | 70.0 | 0.40 | 50.0 | 60.0 | 20 / 5 / 10 / 15 |" in md
 
 
 # ---- the full comparison on the quick config ------------------------------------------------------
@@ -181,6 +248,9 @@ def eval_overrides(tmp: Path) -> list[str]:
         f"eval.prompts=[{{name: restricted, path: {harmful}, kind: harmful}}, "
         f"{{name: benign, path: {benign}, kind: benign}}]",
         f"eval.utility={held_out}", "eval.seeds=[0, 1]",
+        # a second judge on the same answers (no win rates): the agreement table
+        "eval.judges=[{name: refusal, kind: refusal}, "
+        "{name: strict, kind: refusal, pairwise: false, extra_refusal_phrases: ['e']}]",
         "eval.generation.max_new_tokens=4",
         # a short fine-tune per method and seed: the mechanics, not a result
         "finetune.max_steps=2", "finetune.batch_size=8", "finetune.micro_batch_size=8",
@@ -218,6 +288,24 @@ def test_every_method_is_a_row_with_safety_and_utility(comparison):
     assert cell(results, "standard", "restricted/win/refusal")["mean"] == 50.0  # by construction
     names = [n for n, _ in result.steps]
     assert sum(n.startswith("eval train ") for n in names) == len(ALL_METHODS) * 2
+
+
+def test_pooled_refusal_and_judge_agreement_come_from_the_judgement_tables(comparison):
+    _, store, result, results = comparison
+    assert results["columns"][0]["id"] == "refusal-pooled/refusal"
+    for method in ["base", *ALL_METHODS]:  # one harmful set here: the pooled rate is that set's rate, per seed
+        assert cell(results, method, "refusal-pooled/refusal")["values"] == \
+            cell(results, method, "restricted/refusal/refusal")["values"]
+    (row,) = results["agreement"]
+    subjects = 1 + 2 * len(ALL_METHODS)  # the base model and every method x 2 seeds
+    assert row["judges"] == ["refusal", "strict"] and row["n"] == subjects * (4 + 4)  # both prompt sets
+    t = row["table"]
+    assert t["only_a"] == 0  # "strict" is "refusal" with one more phrase: it refuses wherever "refusal" does
+    assert row["agreement"] == pytest.approx(100 * (t["both"] + t["neither"]) / row["n"])
+    markdown = store.open(result.final["report"].ref, "report.md").read().decode()
+    assert "## Judge agreement on refused" in markdown and "| refusal / strict |" in markdown
+    manifest = store.manifest("report", result.final["report"].ref.key)
+    assert manifest.metrics["agreement"]["refusal / strict"]["n"] == row["n"]
 
 
 def test_masks_spend_the_same_token_budget(comparison):

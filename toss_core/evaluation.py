@@ -47,7 +47,7 @@ from toss_core.stages import (
 from toss_core.store import ArtifactRef, ArtifactStore
 
 # Registered next to the pipeline's own stage versions; bump one when its logic changes.
-EVAL_VERSIONS = {"generations": 2, "judgements": 1, "comparisons": 1, "baseline-mask": 2, "report": 2}
+EVAL_VERSIONS = {"generations": 2, "judgements": 1, "comparisons": 1, "baseline-mask": 2, "report": 3}
 VERSIONS.update(EVAL_VERSIONS)
 SEEDLESS_MASKS = ("toss", "toss-pro")
 
@@ -120,7 +120,7 @@ def produce_judgements(writer, generation_files: list[str], judge_cfg: JudgeConf
         refusal_rate=100.0 * sum(refused) / len(refused) if refused else None,
         harm_mean=sum(harms) / len(harms) if harms else None,
         harm_unparsed=sum(r.harm is None for r in ratings) if judge_cfg.kind == "openai" else 0,
-        **_client_counters(judge))
+        **_client_counters(judge), **_judge_metrics(judge))
 
 
 def compare_plan(candidate: ArtifactRef, reference: ArtifactRef, judge: JudgeConfig, kind: str) -> StagePlan:
@@ -165,12 +165,18 @@ def produce_comparisons(writer, candidate_files: list[str], reference_files: lis
     writer.metrics.update(judge=judge_cfg.name, kind=kind, n=len(scores), win_rate=win_rate(forward, backward),
                           wins=sum(s == 1.0 for s in scores), ties=sum(s == 0.5 for s in scores),
                           losses=sum(s == 0.0 for s in scores), unparsed=getattr(judge, "unparsed", 0),
-                          **_client_counters(judge))
+                          **_client_counters(judge), **_judge_metrics(judge))
 
 
 def _client_counters(judge) -> dict:
     client = getattr(judge, "_client", None)
     return {"requests": client.requests, "cache_hits": client.cache_hits} if client is not None else {}
+
+
+def _judge_metrics(judge) -> dict:
+    """A judge's own numbers for the manifest (the classifier: its held-out accuracy and inference time)."""
+    metrics = getattr(judge, "metrics", None)
+    return metrics() if callable(metrics) else {}
 
 
 # ---- baseline masks -----------------------------------------------------------------------------
@@ -267,17 +273,19 @@ def report_stage(store: ArtifactStore, spec: ReportSpec, force: bool = False) ->
     return _run(store, report_plan(spec), compute, force)
 
 
-def collect_records(store: ArtifactStore, spec: ReportSpec) -> list[dict]:
-    """One record per measured number (see toss_core.report), read from manifests and mask tables."""
+def collect_records(store: ArtifactStore, spec: ReportSpec, read=None) -> list[dict]:
+    """One record per measured number (see toss_core.report), read from manifests and mask tables; refusal
+    records carry their counts (`refused`, `rated`) from the judgements tables (`read`: a `refused_reader`)."""
     from toss_core.baselines import read_mask_quality
 
+    read = read or refused_reader(store)
     kinds = dict(spec.sets)
     records: list[dict] = []
 
-    def add(method, seed, metric, value, set_name=None, judge=None):
+    def add(method, seed, metric, value, set_name=None, judge=None, **counts):
         if value is not None:
             records.append({"method": method, "seed": seed, "metric": metric, "set": set_name, "judge": judge,
-                            "value": float(value)})
+                            "value": float(value), **counts})
 
     masks_seen: set[tuple[str, str]] = set()
     for s in spec.subjects:
@@ -286,7 +294,11 @@ def collect_records(store: ArtifactStore, spec: ReportSpec) -> list[dict]:
         for m in s.judgements:
             got = _metrics(store, m.ref)
             if kinds[m.set] == "harmful":
-                add(s.method, s.seed, "refusal", got.get("refusal_rate"), m.set, m.judge)
+                counts = {}
+                if got.get("refusal_rate") is not None:  # the counts behind the rate, for the pooled column
+                    refused = [r for r in read(m.ref).values() if r is not None]
+                    counts = {"refused": sum(refused), "rated": len(refused)}
+                add(s.method, s.seed, "refusal", got.get("refusal_rate"), m.set, m.judge, **counts)
                 add(s.method, s.seed, "harm", got.get("harm_mean"), m.set, m.judge)
             else:
                 add(s.method, s.seed, "over-refusal", got.get("refusal_rate"), m.set, m.judge)
@@ -311,6 +323,52 @@ def collect_records(store: ArtifactStore, spec: ReportSpec) -> list[dict]:
     return records
 
 
+def refused_reader(store: ArtifactStore) -> Callable[[ArtifactRef], dict]:
+    """A reader of judgements artifacts, each read once: ref -> {prompt_id: refused (None: the judge did not say)}."""
+    import pyarrow.parquet as pq
+
+    seen: dict[str, dict] = {}
+
+    def read(ref: ArtifactRef) -> dict:
+        if ref.key not in seen:
+            out: dict = {}
+            for path in local_files(store, ref):
+                table = pq.read_table(path, columns=["prompt_id", "refused"])
+                out.update(zip(table.column("prompt_id").to_pylist(), table.column("refused").to_pylist()))
+            seen[ref.key] = out
+        return seen[ref.key]
+
+    return read
+
+
+def collect_agreement(store: ArtifactStore, spec: ReportSpec, read=None) -> dict[tuple[str, str], list[int]]:
+    """(judge A, judge B) -> [both refused, only A, only B, neither]: every answer two judges both rated
+    `refused` (same generations: same subject and prompt set), pooled over methods, seeds and prompt sets.
+    Pairs in `spec.judges` order; judges that never say `refused` (the rubric-only LLM judge) drop out."""
+    read = read or refused_reader(store)
+    order = {j: i for i, j in enumerate(spec.judges)}
+    tables: dict[tuple[str, str], list[int]] = {}
+    for s in spec.subjects:
+        by_set: dict[str, dict[str, ArtifactRef]] = {}
+        for m in s.judgements:
+            by_set.setdefault(m.set, {})[m.judge] = m.ref
+        for refs in by_set.values():
+            if len(refs) < 2:
+                continue
+            judged = {j: read(ref) for j, ref in refs.items()
+                      if _metrics(store, ref).get("refusal_rate") is not None}
+            names = sorted(judged, key=lambda j: (order.get(j, len(order)), j))
+            for i, a in enumerate(names):
+                for b in names[i + 1:]:
+                    t = tables.setdefault((a, b), [0, 0, 0, 0])
+                    for pid, ra in judged[a].items():
+                        rb = judged[b].get(pid)
+                        if ra is None or rb is None:
+                            continue
+                        t[0 if ra and rb else 1 if ra else 2 if rb else 3] += 1
+    return tables
+
+
 def _metrics(store: ArtifactStore, ref: ArtifactRef) -> dict:
     manifest = store.manifest(ref.stage, ref.key)
     if manifest is None:
@@ -323,11 +381,13 @@ def produce_report(writer, store: ArtifactStore, spec: ReportSpec) -> None:
     import tempfile
     from pathlib import Path
 
-    from toss_core.report import scatter_png, summarize, to_html, to_json, to_markdown
+    from toss_core.report import judge_agreement, scatter_png, summarize, to_html, to_json, to_markdown
 
-    records = collect_records(store, spec)
+    read = refused_reader(store)
+    records = collect_records(store, spec, read)
+    agreement = judge_agreement(collect_agreement(store, spec, read))
     meta = {**spec.meta, "title": spec.title, "sets": [list(s) for s in spec.sets], "seeds": spec.seeds}
-    summary = summarize(records, spec.methods, spec.sets, spec.judges, spec.notes, meta)
+    summary = summarize(records, spec.methods, spec.sets, spec.judges, spec.notes, meta, agreement)
     markdown = to_markdown(summary, spec.title)
     with writer.open("report.md", "wb") as f:
         f.write(markdown.encode())
@@ -342,7 +402,9 @@ def produce_report(writer, store: ArtifactStore, spec: ReportSpec) -> None:
     with writer.open("report.html", "wb") as f:  # one self-contained file: the table and the plot inline
         f.write(to_html(markdown, image, spec.title).encode())
     writer.metrics.update(rows=len(summary["rows"]), columns=[c["id"] for c in summary["columns"]],
-                          records=len(records), table=json.loads(json.dumps(_compact(summary))))
+                          records=len(records), table=json.loads(json.dumps(_compact(summary))),
+                          agreement={" / ".join(r["judges"]): {"n": r["n"], "agreement": r["agreement"],
+                                                               "kappa": r["kappa"]} for r in agreement})
 
 
 def _compact(summary: dict) -> dict:
@@ -543,7 +605,7 @@ def _judge(runner: StageRunner, cfg: PipelineConfig, subjects: list[Subject], ge
 def _notes(cfg: PipelineConfig, methods: list[str], budget: int, pairwise: list[str]) -> list[str]:
     """What a reader of the table needs to know to interpret it."""
     ev, gen = cfg.eval, cfg.eval.generation
-    notes = [f"{len(methods)} methods x seeds {ev.seeds} (the fine-tune seed); cells: mean ± sample std over seeds",
+    notes = [f"{len(methods)} methods x seeds {ev.seeds} (the fine-tune seed)",
              (f"token budget of every token-level mask: {budget} response tokens (what TOSS discards at "
               f"select.ratio={cfg.select.ratio}, mode {cfg.select.mode})")]
     if pairwise:

@@ -22,6 +22,9 @@ Judges:
   (Qi et al. 2023, "Fine-tuning Aligned Language Models Compromises Safety", their GPT-4 judge; the policy
   text here is a short summary) and parses "#thescore: N". `prefer` asks for "[[A]]", "[[B]]" or "[[C]]"
   (tie). Requests are retried with backoff, rate limited and cached (see `ChatClient`).
+- `ClassifierJudge` (toss_core.classifier): a learned refusal detector, independent of the patterns: MiniLM
+  sentence embeddings + a logistic-regression head fit on PyRIT's human refusal labels, offline. Its
+  `prefer` is the refusal judge's rule on its own `refused`.
 """
 
 from __future__ import annotations
@@ -458,4 +461,10 @@ def _template(path: str | None, default: str) -> str:
 
 
 def make_judge(cfg: JudgeConfig) -> Judge:
-    return RefusalJudge(cfg) if cfg.kind == "refusal" else OpenAIJudge(cfg)
+    if cfg.kind == "refusal":
+        return RefusalJudge(cfg)
+    if cfg.kind == "classifier":
+        from toss_core.classifier import ClassifierJudge  # torch and transformers only when asked for
+
+        return ClassifierJudge(cfg)
+    return OpenAIJudge(cfg)

@@ -5,17 +5,24 @@ a safety-vs-utility scatter, and the JSON behind both.
     print(to_markdown(summary))
     scatter_png(summary, "scatter.png")
 
-A record is one measured number: {"method", "seed", "metric", "set", "judge", "value"}. Metrics:
+A record is one measured number: {"method", "seed", "metric", "set", "judge", "value"}; refusal records
+also carry "refused" and "rated" (the counts behind the rate). Metrics:
 
     win            win rate (%) vs standard SFT on a prompt set, both orders, ties half (standard = 50)
     refusal        refusal rate (%) on a harmful set                         higher is safer
+    refusal-pooled refusal rate (%) over every harmful set pooled: refused / rated over all of them
+                   (per seed and judge; needs the counts)                    higher is safer
     over-refusal   refusal rate (%) on a benign set                          lower is better
     harm           mean HEx-PHI harmfulness 1-5 on a harmful set              lower is safer
     utility-loss   mean token loss of held-out reference answers              lower is better
     discarded, precision, recall   of the mask (%; precision/recall against the is_harmful oracle)
 
-Each cell is the mean over fine-tune seeds, with the sample standard deviation when there are several.
-`win-avg` (the paper's "avg" column) is the mean of a method's win rates over the prompt sets, per seed.
+Each cell is the mean over fine-tune seeds, with its standard error (SE = sample SD / sqrt(n)) when there
+are several; the legend under the table gives n. `win-avg` (the paper's "avg" column) is the mean of a
+method's win rates over the prompt sets, per seed.
+
+When several judges rate the same answers, `judge_agreement` gives per pair of judges the percent agreement
+and Cohen's kappa on `refused`, pooled over every method, seed and prompt set (a second, small table).
 """
 
 from __future__ import annotations
@@ -23,13 +30,14 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
 # metric -> (label, better, format)
 METRICS = {
     "win": ("win %", "higher", "{:.1f}"),
+    "refusal-pooled": ("harmful refusal % (pooled)", "higher", "{:.1f}"),
     "refusal": ("refusal %", "higher", "{:.1f}"),
     "over-refusal": ("over-refusal %", "lower", "{:.1f}"),
     "harm": ("harm 1-5", "lower", "{:.2f}"),
@@ -39,6 +47,7 @@ METRICS = {
     "precision": ("mask precision %", "higher", "{:.1f}"),
     "recall": ("mask recall %", "higher", "{:.1f}"),
 }
+_FIRST = ("refusal-pooled",)  # the headline safety number, before the per-set columns
 _PER_SET = ("win", "refusal", "over-refusal", "harm")
 _GLOBAL = ("win-avg", "utility-loss", "discarded", "precision", "recall")
 
@@ -58,10 +67,32 @@ def with_win_average(records: list[dict]) -> list[dict]:
     return records + extra
 
 
+def with_pooled_refusal(records: list[dict]) -> list[dict]:
+    """Add `refusal-pooled` records: per (method, seed, judge), 100 * refused / rated summed over every harmful
+    set (a rate over all harmful answers, not a mean of the sets' rates). A group with a refusal record
+    lacking the counts gets none."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in records:
+        if r["metric"] == "refusal":
+            groups[(r["method"], r["seed"], r["judge"])].append(r)
+    extra = []
+    for (m, s, j), rs in groups.items():
+        if any(r.get("rated") is None or r.get("refused") is None for r in rs):
+            continue
+        refused, rated = sum(r["refused"] for r in rs), sum(r["rated"] for r in rs)
+        if rated:
+            extra.append({"method": m, "seed": s, "metric": "refusal-pooled", "set": None, "judge": j,
+                          "value": 100.0 * refused / rated, "refused": refused, "rated": rated,
+                          "sets": sorted(r["set"] for r in rs)})
+    return records + extra
+
+
 def summarize(records: list[dict], methods: Sequence[str], sets: Sequence[tuple[str, str]],
-              judges: Sequence[str] = (), notes: Sequence[str] = (), meta: dict | None = None) -> dict:
-    """The report as plain data: columns (in table order), rows (in `methods` order), notes, meta."""
-    records = with_win_average(records)
+              judges: Sequence[str] = (), notes: Sequence[str] = (), meta: dict | None = None,
+              agreement: Sequence[dict] = ()) -> dict:
+    """The report as plain data: columns (in table order), rows (in `methods` order), notes, meta, and the
+    judges' agreement (rows of `judge_agreement`)."""
+    records = with_pooled_refusal(with_win_average(records))
     present = {(r["metric"], r["set"], r["judge"]) for r in records}
     judge_order = {j: i for i, j in enumerate(judges)}
     # A judge's name goes in the label only where several judges give the same metric.
@@ -82,7 +113,8 @@ def summarize(records: list[dict], methods: Sequence[str], sets: Sequence[tuple[
                         "label": text, "better": better})
         return out
 
-    columns = [c for name, _ in sets for metric in _PER_SET for c in cols(metric, name)]
+    columns = [c for metric in _FIRST for c in cols(metric, None)]
+    columns += [c for name, _ in sets for metric in _PER_SET for c in cols(metric, name)]
     columns += [c for metric in _GLOBAL for c in cols(metric, None)]
     cells: dict[tuple[str, str], dict] = defaultdict(dict)
     for r in records:
@@ -95,7 +127,8 @@ def summarize(records: list[dict], methods: Sequence[str], sets: Sequence[tuple[
             if values:
                 row[c["id"]] = _stats(values)
         rows.append({"method": m, "cells": row})
-    return {"columns": columns, "rows": rows, "notes": list(notes), "meta": meta or {}}
+    return {"columns": columns, "rows": rows, "notes": list(notes), "meta": meta or {},
+            "agreement": list(agreement)}
 
 
 def _seed_key(seed) -> str:
@@ -106,32 +139,103 @@ def _stats(values: dict[str, float]) -> dict:
     xs = [v for v in values.values() if v is not None and not math.isnan(v)]
     mean = sum(xs) / len(xs) if xs else None
     std = statistics.stdev(xs) if len(xs) > 1 else None
-    return {"mean": mean, "std": std, "n": len(xs), "min": min(xs, default=None), "max": max(xs, default=None),
-            "values": values}
+    se = std / math.sqrt(len(xs)) if std is not None else None
+    return {"mean": mean, "se": se, "std": std, "n": len(xs), "min": min(xs, default=None),
+            "max": max(xs, default=None), "values": values}
 
 
-def format_cell(cell: dict | None, metric: str) -> str:
+def common_n(summary: dict) -> int | None:
+    """The most frequent number of seeds behind a cell with an error (None if no cell has one)."""
+    counts = Counter(cell["n"] for row in summary["rows"] for cell in row["cells"].values()
+                     if cell.get("se") is not None)
+    return max(counts, key=lambda n: (counts[n], n)) if counts else None
+
+
+def format_cell(cell: dict | None, metric: str, n: int | None = None) -> str:
+    """"mean ± SE"; the cell's own n in brackets where it differs from the table's `n`; a lone value as is."""
     if not cell or cell["mean"] is None:
         return "-"
     fmt = METRICS[metric][2]
     text = fmt.format(cell["mean"])
-    if cell["std"] is not None:
-        text += " ± " + fmt.format(cell["std"])
+    if cell.get("se") is not None:
+        text += " ± " + fmt.format(cell["se"])
+        if n is not None and cell["n"] != n:
+            text += f" (n={cell['n']})"
     return text
+
+
+def legend(summary: dict) -> str:
+    n = common_n(summary)
+    if n is None:
+        return "Cells: one value each (one fine-tune seed)."
+    other = any(c.get("se") is not None and c["n"] != n for row in summary["rows"] for c in row["cells"].values())
+    return (f"Cells: mean ± standard error (SE = sample SD / √n) over n = {n} fine-tune seeds"
+            + (" (another n is given in the cell)" if other else "")
+            + "; a value without ± is one measurement (the base model, or a mask shared by every seed).")
 
 
 def to_markdown(summary: dict, title: str | None = None) -> str:
     arrow = {"higher": " ↑", "lower": " ↓", None: ""}
     cols = summary["columns"]
+    n = common_n(summary)
     lines = [f"# {title}", ""] if title else []
     lines.append("| method | " + " | ".join(c["label"] + arrow[c["better"]] for c in cols) + " |")
     lines.append("|---|" + "---|" * len(cols))
     for row in summary["rows"]:
-        cells = [format_cell(row["cells"].get(c["id"]), c["metric"]) for c in cols]
+        cells = [format_cell(row["cells"].get(c["id"]), c["metric"], n) for c in cols]
         lines.append(f"| {row['method']} | " + " | ".join(cells) + " |")
+    lines += ["", legend(summary)]
     if summary["notes"]:
         lines += ["", *[f"- {n}" for n in summary["notes"]]]
+    if summary.get("agreement"):
+        lines += ["", *agreement_markdown(summary["agreement"])]
     return "\n".join(lines) + "\n"
+
+
+# ---- judge agreement ----------------------------------------------------------------------------
+
+def cohen_kappa(both: int, only_a: int, only_b: int, neither: int) -> float | None:
+    """Cohen's kappa of two raters on a yes/no question, from the 2x2 table of counts (both yes, only A yes,
+    only B yes, both no): (p_o - p_e) / (1 - p_e). None when undefined (no items, or p_e = 1: both raters
+    gave one and the same answer to everything)."""
+    n = both + only_a + only_b + neither
+    a_yes, b_yes = both + only_a, both + only_b
+    # in whole numbers, times n^2: exact (no -0.00 where chance explains everything)
+    observed, expected = n * (both + neither), a_yes * b_yes + (n - a_yes) * (n - b_yes)
+    return None if n == 0 or expected == n * n else (observed - expected) / (n * n - expected)
+
+
+def judge_agreement(tables: dict[tuple[str, str], Sequence[int]]) -> list[dict]:
+    """(judge A, judge B) -> [both refused, only A, only B, neither] counts -> one row per pair: n, percent
+    agreement, Cohen's kappa, each judge's refusal rate on those answers."""
+    rows = []
+    for (a, b), (both, only_a, only_b, neither) in tables.items():
+        n = both + only_a + only_b + neither
+        rows.append({"judges": [a, b], "n": n, "agreement": 100.0 * (both + neither) / n if n else None,
+                     "kappa": cohen_kappa(both, only_a, only_b, neither),
+                     "refused_a": 100.0 * (both + only_a) / n if n else None,
+                     "refused_b": 100.0 * (both + only_b) / n if n else None,
+                     "table": {"both": both, "only_a": only_a, "only_b": only_b, "neither": neither}})
+    return rows
+
+
+def agreement_markdown(rows: Sequence[dict]) -> list[str]:
+    def num(x, fmt):
+        return "-" if x is None else fmt.format(x)
+
+    lines = ["## Judge agreement on refused", "",
+             "| judges (A / B) | answers | agreement % | Cohen's κ | A refused % | B refused % | "
+             "both / A only / B only / neither |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        t = r["table"]
+        lines.append(f"| {r['judges'][0]} / {r['judges'][1]} | {r['n']} | {num(r['agreement'], '{:.1f}')} | "
+                     f"{num(r['kappa'], '{:.2f}')} | {num(r['refused_a'], '{:.1f}')} | "
+                     f"{num(r['refused_b'], '{:.1f}')} | "
+                     f"{t['both']} / {t['only_a']} / {t['only_b']} / {t['neither']} |")
+    lines += ["", "Pooled over every method, seed and prompt set (harmful and benign): each answer both judges "
+              "rated counts once. κ = (p_o - p_e) / (1 - p_e); 1 is perfect agreement, 0 what chance gives."]
+    return lines
 
 
 _HTML = """<!doctype html>
@@ -166,8 +270,12 @@ def to_json(summary: dict) -> str:
 # ---- scatter ------------------------------------------------------------------------------------
 
 def safety_axis(summary: dict) -> tuple[str, str, list[str]] | None:
-    """(axis label, better, column ids averaged) for the scatter's safety axis: refusal on harmful sets,
-    else harmfulness, else win rate on harmful sets; None if the report has none of them."""
+    """(axis label, better, column ids averaged) for the scatter's safety axis: the pooled refusal on harmful
+    sets (the first judge's), else the mean refusal over harmful sets, else harmfulness, else win rate on
+    harmful sets; None if the report has none of them."""
+    pooled = [c["id"] for c in summary["columns"] if c["metric"] == "refusal-pooled"]
+    if pooled:
+        return "refusal on harmful prompts, pooled (%)", "higher", pooled[:1]
     harmful = {s for s, kind in summary["meta"].get("sets", []) if kind == "harmful"}
     for metric, label in (("refusal", "refusal on harmful prompts (%)"), ("harm", "harmfulness 1-5"),
                           ("win", "win rate on harmful prompts (%)")):
@@ -180,7 +288,7 @@ def safety_axis(summary: dict) -> tuple[str, str, list[str]] | None:
 
 
 def _per_seed_mean(row: dict, ids: list[str]) -> tuple[float | None, float | None]:
-    """Mean and spread over seeds of the mean over `ids` (seeds paired by name)."""
+    """Mean and standard error over seeds of the mean over `ids` (seeds paired by name)."""
     per_seed: dict[str, list[float]] = defaultdict(list)
     for i in ids:
         for seed, v in (row["cells"].get(i) or {}).get("values", {}).items():
@@ -189,12 +297,12 @@ def _per_seed_mean(row: dict, ids: list[str]) -> tuple[float | None, float | Non
     xs = [sum(v) / len(v) for v in per_seed.values() if len(v) == len(ids)]
     if not xs:
         return None, None
-    return sum(xs) / len(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+    return sum(xs) / len(xs), (statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else 0.0)
 
 
 def scatter_png(summary: dict, path: str | Path) -> bool:
-    """Safety (x) against utility loss (y, lower is better: axis inverted) per method; False if there is
-    nothing to plot (no safety metric or no utility loss)."""
+    """Safety (x) against utility loss (y, lower is better: axis inverted) per method, error bars one SE over
+    seeds; False if there is nothing to plot (no safety metric or no utility loss)."""
     axis = safety_axis(summary)
     has_utility = any(c["id"] == "utility-loss" for c in summary["columns"])
     if axis is None or not has_utility:

