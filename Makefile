@@ -17,7 +17,8 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 setup: $(VENV)/.installed
 
 # torch goes in first and pinned: an unpinned torch (asked for by any dependency) pulls a CUDA build.
-$(VENV)/.installed: pyproject.toml
+# Makefile too: a new demo package (DEMO_PACKAGES) must reach existing venvs.
+$(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e ".[all]"
