@@ -57,7 +57,7 @@ class _Run:
         """A training: in this process (dispatch: local), or a flow run of the train deployment (workers)."""
         if self.on_workers:
             return self.submit(d.train_on_worker, label, step, config=self.cfg, role=role, model=model,
-                               sources=sources, label=label)
+                               sources=sources, run_name=label)
         cfg = self.cfg
         return self.submit(t.train, label, step, role=role, model=model, sources=sources,
                            cfg=train_recipe(cfg, role), dtype=cfg.model.dtype, gpu_limit=cfg.orchestration.gpu_limit)
@@ -66,7 +66,7 @@ class _Run:
         """A score shard: in this process, or a flow run of the score deployment."""
         if self.on_workers:
             return self.submit(d.score_on_worker, label, "score", config=self.cfg, model=model, adapter=adapter,
-                               tokens=tokens, shard=shard, label=label)
+                               tokens=tokens, shard=shard, run_name=label)
         return self.submit(t.score_shard, label, "score", model=model, adapter=adapter, tokens=tokens, shard=shard,
                            cfg=self.cfg.score, gpu_limit=self.cfg.orchestration.gpu_limit)
 

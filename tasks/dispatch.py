@@ -2,8 +2,8 @@
 in the store runs as a flow run of its stage deployment (`flows/stage_flows.py`), picked up by whichever
 GPU worker is free, while the orchestrating flow waits.
 
-    train_on_worker(store, config, role="safety", model=..., sources=[...], label="train safety")
-    score_on_worker(store, config, model=..., adapter=..., tokens=..., shard=0, label="score utility 1/2")
+    train_on_worker(store, config, role="safety", model=..., sources=[...], run_name="train safety")
+    score_on_worker(store, config, model=..., adapter=..., tokens=..., shard=0, run_name="score utility 1/2")
 
 Each is a Prefect task with the same cache key as the in-process task of its stage (the artifact key), so
 the flow submits them exactly like the local tasks and they run side by side up to
@@ -88,21 +88,21 @@ def _score_plan(i: dict) -> StagePlan:
 
 @task(name="train-on-worker", cache_policy=ArtifactKeyPolicy(plan=_train_plan), **_TASK)
 def train_on_worker(store: StoreConfig, config: PipelineConfig, role: str, model: ArtifactRef,
-                    sources: list[TrainSource], label: str = "", force: bool = False) -> StageOutcome:
+                    sources: list[TrainSource], run_name: str = "", force: bool = False) -> StageOutcome:
     """A training (reference, TOSS-Pro round, or the fine-tune) as a flow run of the train deployment."""
     config = config.model_copy(update={"store": shared_store(store)})
     plan = _train_plan({"config": config, "role": role, "model": model, "sources": sources})
-    return run_stage(config, plan, config.orchestration.train_deployment, label or f"train {role}",
+    return run_stage(config, plan, config.orchestration.train_deployment, run_name or f"train {role}",
                      train_parameters(config, role, model, sources, force), force)
 
 
 @task(name="score-on-worker", cache_policy=ArtifactKeyPolicy(plan=_score_plan), **_TASK)
 def score_on_worker(store: StoreConfig, config: PipelineConfig, model: ArtifactRef, adapter: ArtifactRef | None,
-                    tokens: ArtifactRef, shard: int, label: str = "", force: bool = False) -> StageOutcome:
+                    tokens: ArtifactRef, shard: int, run_name: str = "", force: bool = False) -> StageOutcome:
     """One score shard as a flow run of the score deployment."""
     config = config.model_copy(update={"store": shared_store(store)})
     plan = _score_plan({"config": config, "model": model, "adapter": adapter, "tokens": tokens, "shard": shard})
-    return run_stage(config, plan, config.orchestration.score_deployment, label or f"score shard {shard}",
+    return run_stage(config, plan, config.orchestration.score_deployment, run_name or f"score shard {shard}",
                      score_parameters(config, model, adapter, tokens, shard, force), force)
 
 

@@ -52,11 +52,11 @@ class Inputs:
 
     def train(self, role: str = "safety", force: bool = False):
         return dispatch.train_on_worker.fn(store=self.cfg.store, config=self.cfg, role=role, model=self.model,
-                                           sources=self.sources, label=f"train {role}", force=force)
+                                           sources=self.sources, run_name=f"train {role}", force=force)
 
     def score(self, adapter=None, shard: int = 1):
         return dispatch.score_on_worker.fn(store=self.cfg.store, config=self.cfg, model=self.model, adapter=adapter,
-                                           tokens=self.custom, shard=shard, label=f"score x {shard + 1}/2")
+                                           tokens=self.custom, shard=shard, run_name=f"score x {shard + 1}/2")
 
 
 class Deployments:
@@ -194,3 +194,45 @@ def test_shared_store_makes_local_folders_absolute_and_keeps_urls(tmp_path, monk
     assert dispatch.shared_store(StoreConfig(url="file://s")).url == str(tmp_path / "s")
     s3 = StoreConfig(url="s3://bucket/team", storage_options={"client_kwargs": {"region_name": "x"}})
     assert dispatch.shared_store(s3) == s3
+
+
+class Recorder:
+    """Stands in for a Prefect task in the flow's `_Run`: records what `.submit` is given, and checks it
+    binds to the real task's signature."""
+
+    def __init__(self, real):
+        self.real, self.submitted = real, []
+
+    def with_options(self, **opts):
+        return self
+
+    def submit(self, **kwargs):
+        import inspect
+
+        inspect.signature(self.real.fn).bind(**kwargs)
+        self.submitted.append(kwargs)
+        return SimpleNamespace()
+
+
+@pytest.mark.parametrize("mode", ["local", "workers"])
+def test_the_flow_dispatches_gpu_stages_only_in_workers_mode(inputs, monkeypatch, mode):
+    from flows import toss
+
+    recorders = {name: Recorder(getattr(module, name)) for module, names in
+                 ((local_tasks, ("train", "score_shard")), (dispatch, ("train_on_worker", "score_on_worker")))
+                 for name in names}
+    for name, recorder in recorders.items():
+        monkeypatch.setattr(local_tasks if name in ("train", "score_shard") else dispatch, name, recorder)
+    run = object.__new__(toss._Run)  # no result storage block: nothing is really submitted
+    run.cfg = inputs.cfg.model_copy(update={"orchestration": inputs.cfg.orchestration.model_copy(
+        update={"dispatch": mode})})
+    run.force, run.rows, run.results_at = set(), [], None
+    run.train("train safety", "train_reference", "safety", inputs.model, inputs.sources)
+    run.score("score safety 1/2", inputs.model, inputs.harmful, inputs.custom, 0)
+    used = {name for name, r in recorders.items() if r.submitted}
+    assert used == ({"train", "score_shard"} if mode == "local" else {"train_on_worker", "score_on_worker"})
+    if mode == "local":  # exactly today's in-process task calls
+        assert recorders["train"].submitted[0]["cfg"] == inputs.cfg.reference
+    else:
+        assert recorders["train_on_worker"].submitted[0]["run_name"] == "train safety"
+        assert recorders["score_on_worker"].submitted[0]["shard"] == 0
