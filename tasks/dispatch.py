@@ -120,9 +120,10 @@ def run_stage(config: PipelineConfig, plan: StagePlan, deployment: str, label: s
     state = flow_run.state
     what = f"stage {label!r}: flow run {flow_run.name!r} ({flow_run.id}) of deployment {deployment}"
     if not state.is_completed():
-        raise StageRunError(f"{what} ended {state.name}" + (f": {state.message}" if state.message else "")
-                            + ". Its logs are in the Prefect UI. Rerun (or Retry) the pipeline: finished stages are"
-                            " reused and a training resumes from its newest checkpoint.")
+        reason = f": {state.message.rstrip('.')}" if state.message else ""
+        raise StageRunError(f"{what} ended {state.name}{reason}. Its logs are in the Prefect UI. Rerun (or Retry) "
+                            "the pipeline: finished stages are reused and a training resumes from its newest "
+                            "checkpoint.")
     ref = store.ref(plan.stage, plan.key)
     if ref is None:
         raise StageRunError(f"{what} completed, but {config.store.url} has no {plan.stage}/{plan.key}: do the "

@@ -243,3 +243,18 @@ def test_killed_training_resumes_from_its_checkpoint_on_rerun(cluster, first_run
     metrics = _metrics(store, rerun["finetune"])
     assert rerun["finetune"]["key"] == key and metrics["resumed_from_step"] == saved[-1]
     assert metrics["pid"] != pid and metrics["steps"] > saved[-1]
+
+
+def test_a_missing_stage_deployment_fails_before_any_stage(cluster, first_run):
+    from tasks.dispatch import StageRunError
+
+    def ids():
+        return {k: [r.id for r in v] for k, v in cluster.stage_runs().items()}
+
+    def masks():
+        return sorted(p.parent.name for p in (cluster.store / "mask").glob("*/MANIFEST.json"))
+
+    runs, made = ids(), masks()
+    with pytest.raises(StageRunError, match=r"has no deployment 'toss-train-stage/elsewhere'.*toss deploy"):
+        cluster.run("orchestration.train_deployment=toss-train-stage/elsewhere", "select.ratio=0.3")
+    assert ids() == runs and masks() == made  # nothing started, not even the CPU stages of the new ratio
