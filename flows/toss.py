@@ -9,7 +9,9 @@
     finetune(base, custom, mask)
 
 Every task is cached by its artifact key, so rerunning a flow (or pressing Retry in the UI) reuses
-every finished stage and computes only what failed or changed.
+every finished stage and computes only what failed or changed. With `orchestration.dispatch: workers`
+the GPU stages (trainings, score shards) not in the store run as flow runs of their stage deployments on
+GPU workers (`tasks/dispatch.py`, `flows/stage_flows.py`); the DAG and its caching are the same.
 
     from toss_core.config import load_config
     toss_pipeline(load_config("configs/quick.yaml"))
@@ -21,10 +23,11 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from tasks import dispatch as d
 from tasks import stages as t
 from tasks.caching import open_store, result_storage
 from toss_core.config import PipelineConfig
-from toss_core.pipeline import STEPS, pro_sources
+from toss_core.pipeline import STEPS, pro_sources, train_recipe
 from toss_core.stages import StageOutcome, TrainSource
 from toss_core.store import ArtifactRef
 
@@ -46,6 +49,27 @@ class _Run:
             opts["refresh_cache"] = True
         return label, task.with_options(**opts).submit(store=self.cfg.store, force=step in self.force, **kwargs)
 
+    @property
+    def on_workers(self) -> bool:
+        return self.cfg.orchestration.dispatch == "workers"
+
+    def train(self, label: str, step: str, role: str, model: ArtifactRef, sources: list[TrainSource]):
+        """A training: in this process (dispatch: local), or a flow run of the train deployment (workers)."""
+        if self.on_workers:
+            return self.submit(d.train_on_worker, label, step, config=self.cfg, role=role, model=model,
+                               sources=sources, run_name=label)
+        cfg = self.cfg
+        return self.submit(t.train, label, step, role=role, model=model, sources=sources,
+                           cfg=train_recipe(cfg, role), dtype=cfg.model.dtype, gpu_limit=cfg.orchestration.gpu_limit)
+
+    def score(self, label: str, model: ArtifactRef, adapter: ArtifactRef, tokens: ArtifactRef, shard: int):
+        """A score shard: in this process, or a flow run of the score deployment."""
+        if self.on_workers:
+            return self.submit(d.score_on_worker, label, "score", config=self.cfg, model=model, adapter=adapter,
+                               tokens=tokens, shard=shard, run_name=label)
+        return self.submit(t.score_shard, label, "score", model=model, adapter=adapter, tokens=tokens, shard=shard,
+                           cfg=self.cfg.score, gpu_limit=self.cfg.orchestration.gpu_limit)
+
     def result(self, submitted) -> ArtifactRef:
         label, future = submitted
         outcome: StageOutcome = future.result()
@@ -60,22 +84,18 @@ class _Run:
 
 
 def _references(run: _Run, model: ArtifactRef, tok: dict[str, ArtifactRef]) -> tuple[ArtifactRef, ArtifactRef]:
-    cfg = run.cfg
-    common = dict(model=model, cfg=cfg.reference, dtype=cfg.model.dtype, gpu_limit=cfg.orchestration.gpu_limit)
-    safety = run.submit(t.train, "train safety", "train_reference", role="safety",
-                        sources=[TrainSource(tokens=tok["harmful"])], **common)
-    utility = run.submit(t.train, "train utility", "train_reference", role="utility",
-                         sources=[TrainSource(tokens=tok["utility"])], **common)
+    safety = run.train("train safety", "train_reference", "safety", model, [TrainSource(tokens=tok["harmful"])])
+    utility = run.train("train utility", "train_reference", "utility", model, [TrainSource(tokens=tok["utility"])])
     return run.result(safety), run.result(utility)
 
 
+def _submit_scores(run: _Run, model: ArtifactRef, adapter: ArtifactRef, tokens: ArtifactRef, label: str) -> list:
+    shards = run.cfg.score.shards
+    return [run.score(f"score {label} {i + 1}/{shards}", model, adapter, tokens, i) for i in range(shards)]
+
+
 def _score(run: _Run, model: ArtifactRef, adapter: ArtifactRef, tokens: ArtifactRef, label: str) -> list[ArtifactRef]:
-    cfg = run.cfg
-    return run.results([
-        run.submit(t.score_shard, f"score {label} {i + 1}/{cfg.score.shards}", "score", model=model, adapter=adapter,
-                   tokens=tokens, shard=i, cfg=cfg.score, gpu_limit=cfg.orchestration.gpu_limit)
-        for i in range(cfg.score.shards)
-    ])
+    return run.results(_submit_scores(run, model, adapter, tokens, label))
 
 
 def _select(run: _Run, tokens, utility_scores, safety_scores, label: str) -> ArtifactRef:
@@ -86,14 +106,18 @@ def _select(run: _Run, tokens, utility_scores, safety_scores, label: str) -> Art
 def _toss(config: PipelineConfig, force: list[str], pro: bool) -> dict:
     run = _Run(config, force)
     cfg = config
+    if run.on_workers:  # fail before any stage runs when the stage deployments are missing
+        d.check_stage_deployments(cfg)
     model = run.result(run.submit(t.base_model, "base model", "prepare", model=cfg.model))
     tok = dict(zip(("custom", "harmful", "utility"), run.results([
         run.submit(t.prepare, f"prepare {name}", "prepare", model=model, source=getattr(cfg.data, name), data=cfg.data)
         for name in ("custom", "harmful", "utility")
     ])))
     safety, utility = _references(run, model, tok)
-    utility_scores = _score(run, model, utility, tok["custom"], "utility")  # fixed across TOSS-Pro rounds
-    safety_scores = _score(run, model, safety, tok["custom"], "safety")
+    # Every shard under both models is submitted before any is waited for (on workers: all at once).
+    pending = [_submit_scores(run, model, adapter, tok["custom"], label)
+               for adapter, label in ((utility, "utility"), (safety, "safety"))]
+    utility_scores, safety_scores = (run.results(p) for p in pending)  # utility's: fixed across TOSS-Pro rounds
     mask = round0 = _select(run, tok["custom"], utility_scores, safety_scores, "round 0")
 
     chosen: list[int] = []
@@ -103,9 +127,8 @@ def _toss(config: PipelineConfig, force: list[str], pro: bool) -> dict:
         mask, chosen = ArtifactRef.model_validate(done["mask"]), done["chosen"]
         run.rows += done["stages"]
 
-    final = run.result(run.submit(
-        t.train, "train finetune", "finetune", role="finetune", model=model, cfg=cfg.finetune, dtype=cfg.model.dtype,
-        sources=[TrainSource(tokens=tok["custom"], mask=mask, labels="keep")], gpu_limit=cfg.orchestration.gpu_limit))
+    final = run.result(run.train("train finetune", "finetune", "finetune", model,
+                                 [TrainSource(tokens=tok["custom"], mask=mask, labels="keep")]))
     _report(run, mask, final)
     out = {"mask": mask.model_dump(), "finetune": final.model_dump()}
     if cfg.eval.enabled:  # baselines, generations, judges, report: flows/evaluate.py
@@ -129,9 +152,7 @@ def pro_round(config: PipelineConfig, force: list[str], r: int, model: ArtifactR
     run = _Run(config, force)
     picked = set(chosen)
     sources = pro_sources(open_store(config.store), tok["harmful"], tok["custom"], previous_mask, config, picked)
-    safety = run.result(run.submit(t.train, f"train safety-r{r}", "train_reference", role=f"safety-r{r}",
-                                   model=model, sources=sources, cfg=config.reference, dtype=config.model.dtype,
-                                   gpu_limit=config.orchestration.gpu_limit))
+    safety = run.result(run.train(f"train safety-r{r}", "train_reference", f"safety-r{r}", model, sources))
     mask = _select(run, tok["custom"], utility_scores, _score(run, model, safety, tok["custom"], f"safety-r{r}"),
                    f"round {r}")
     return {"mask": mask.model_dump(), "chosen": sorted(picked), "stages": run.rows}

@@ -297,9 +297,9 @@ def api_client(api: str):
         _drain_prefect_events()
 
 
-def toss_deploy(home: Path, api: str, s3: dict, *args: str) -> None:
+def toss_deploy(home: Path, api: str, s3: dict, *args: str, store: str = STORE) -> None:
     """`toss deploy` as a team member runs it (python -m flows.deploy_cmd = the registered command)."""
-    done = subprocess.run([sys.executable, "-m", "flows.deploy_cmd", "deploy", "--store", STORE, "--create-bucket",
+    done = subprocess.run([sys.executable, "-m", "flows.deploy_cmd", "deploy", "--store", store, "--create-bucket",
                            *args], cwd=ROOT, env=_env(home, PREFECT_API_URL=api, **s3), capture_output=True,
                           text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -382,7 +382,11 @@ def test_single_box_sqlite_run_fail_retry(stacks, s3):
     home, api = stack.home, stack.api
     with api_client(api) as client:
         deployments = {d.name: d for d in client.read_deployments()}
-        assert set(deployments) == {"toss-quick", "toss", "toss-pro", "toss-demo"}
+        assert set(deployments) == {"toss-quick", "toss", "toss-pro", "toss-demo", "toss-train-stage",
+                                    "toss-score-stage"}
+        for name in STAGE_FLOWS.values():  # the stage deployments, as the config names them
+            stage = client.read_deployment_by_name(name)
+            assert (stage.work_pool_name, stage.work_queue_name) == ("gpu", "toss") and stage.enforce_parameter_schema
         # the demo's form is its own DemoConfig (model source, data sizes, aligned base, the pipeline on top)
         assert deployments["toss-demo"].parameter_openapi_schema["properties"]["config"]["$ref"].endswith("/DemoConfig")
         quick = deployments["toss-quick"]
@@ -496,6 +500,13 @@ def test_every_deployment_is_consistent_with_the_flows_and_the_workers():
         path, func = d["entrypoint"].split(":")
         assert func in _top_level_flows(ROOT / path), d["entrypoint"]
         deployed.add(func)
+        assert d["enforce_parameter_schema"] is True
+        assert "toss" in d["tags"]
+        assert d["work_pool"]["job_variables"]["env"]["PREFECT_RESULTS_PERSIST_BY_DEFAULT"] == "true"
+        if func in STAGE_FLOWS:  # started per stage by a run's flow: named as the config expects, no defaults
+            assert f"{_flow_name(ROOT / path, func)}/{d['name']}" == STAGE_FLOWS[func]
+            assert "parameters" not in d and "schedules" not in d, d["name"]
+            continue
         if func == "toss_demo":  # the demo's own config (a DemoConfig) and its extra steps
             assert set(d["parameters"]) == {"config", "force", "pro"}
             assert set(d["parameters"]["force"]) <= set(DEMO_STEPS + STEPS)
@@ -503,10 +514,7 @@ def test_every_deployment_is_consistent_with_the_flows_and_the_workers():
         else:
             assert set(d["parameters"]) == {"config", "force"} and set(d["parameters"]["force"]) <= set(STEPS)
             _as_config(d["parameters"])  # a valid PipelineConfig
-        assert d["enforce_parameter_schema"] is True
         assert d["concurrency_limit"]["limit"] >= 1 and d["concurrency_limit"]["collision_strategy"] == "ENQUEUE"
-        assert "toss" in d["tags"]
-        assert d["work_pool"]["job_variables"]["env"]["PREFECT_RESULTS_PERSIST_BY_DEFAULT"] == "true"
         assert all(s.get("active") is False for s in d.get("schedules", []))
     # Every flow is deployed, except subflows fed with another flow's artifacts.
     assert deployed == flows - SUBFLOWS, flows - SUBFLOWS - deployed
@@ -517,10 +525,30 @@ SUBFLOWS = {"pro_round",  # flows/toss.py: a TOSS-Pro round, inside toss_pro
             "evaluate"}  # flows/evaluate.py: takes the pipeline's ArtifactRefs; run toss with eval.enabled
 
 
-def _top_level_flows(path: Path) -> list[str]:
+def _stage_flows() -> dict[str, str]:
+    """flows/stage_flows.py's flows -> the "flow/deployment" name the config's defaults start them by."""
+    from toss_core.config import OrchestrationConfig
+
+    orch = OrchestrationConfig()
+    return {"toss_train_stage": orch.train_deployment, "toss_score_stage": orch.score_deployment}
+
+
+STAGE_FLOWS = _stage_flows()
+
+
+def _flow_decorators(path: Path) -> dict[str, ast.Call]:
     tree = ast.parse(path.read_text())
-    return [n.name for n in tree.body if isinstance(n, ast.FunctionDef)
-            and any(isinstance(dec, ast.Call) and getattr(dec.func, "id", "") == "flow" for dec in n.decorator_list)]
+    return {n.name: dec for n in tree.body if isinstance(n, ast.FunctionDef) for dec in n.decorator_list
+            if isinstance(dec, ast.Call) and getattr(dec.func, "id", "") == "flow"}
+
+
+def _top_level_flows(path: Path) -> list[str]:
+    return list(_flow_decorators(path))
+
+
+def _flow_name(path: Path, func: str) -> str:
+    names = [k.value.value for k in _flow_decorators(path)[func].keywords if k.arg == "name"]
+    return names[0] if names else func.replace("_", "-")
 
 
 # ---- workers ---------------------------------------------------------------------------------------

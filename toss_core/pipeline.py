@@ -14,7 +14,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from toss_core.config import PipelineConfig
+from toss_core.config import PipelineConfig, TrainConfig
 from toss_core.stages import (
     StageOutcome,
     TrainSource,
@@ -38,6 +38,12 @@ class PipelineResult:
     def add(self, name: str, outcome: StageOutcome) -> StageOutcome:
         self.steps.append((name, outcome))
         return outcome
+
+
+def train_recipe(cfg: PipelineConfig, role: str) -> TrainConfig:
+    """The training settings of a role: `finetune` is the selective fine-tune, every other role (safety,
+    utility, safety-r1, ...) a reference model."""
+    return cfg.finetune if role == "finetune" else cfg.reference
 
 
 def pro_sources(store: ArtifactStore, harmful: ArtifactRef, custom: ArtifactRef, previous_mask: ArtifactRef,
