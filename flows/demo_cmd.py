@@ -1,8 +1,8 @@
 """`toss demo` (what `make run` runs) and `toss import-model`.
 
-    toss demo                       # SmolLM2-135M on CPU: aligned base, standard SFT vs TOSS vs TOSS-Pro (~45 min)
+    toss demo                       # SmolLM2-135M on CPU: aligned base, six methods x 3 seeds, two judges (~65 min)
     toss demo --quick               # the same comparison on the tiny random model and placeholder data (~2 min)
-    toss demo --all                 # every baseline, 3 seeds
+    toss demo --all                 # every baseline (adds first-k, sample-level, safety-/utility-only), 3 seeds
     toss import-model model.gguf --out models/smollm2
 """
 
@@ -122,7 +122,7 @@ def _print_report(final: dict) -> None:
         from toss_core.store import open_artifact_dir
 
         folder = open_artifact_dir(final["report"]).local_dir()
-        console.print((folder / "report.md").read_text())
+        console.print((folder / "report.md").read_text(), markup=False, highlight=False)  # "[judge]" is not markup
         print(f"report:        {folder / 'report.html'}")
 
 
