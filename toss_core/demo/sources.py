@@ -29,16 +29,19 @@ class MissingPackageError(RuntimeError):
     """A demo data package is not installed (the message says how to install it)."""
 
 
-def _dist(name: str) -> importlib.metadata.Distribution:
+def installed(name: str, needed_by: str = "the demo", hint: str = INSTALL_HINT,
+              error: type[MissingPackageError] = MissingPackageError) -> importlib.metadata.Distribution:
+    """An installed distribution, or `error` saying who needs it and how to install it."""
     try:
         return importlib.metadata.distribution(name)
     except importlib.metadata.PackageNotFoundError:
-        raise MissingPackageError(f"the demo needs package {name!r}: {INSTALL_HINT}") from None
+        raise error(f"{needed_by} needs package {name!r}: {hint}") from None
+
 
 
 def package_files(name: str, under: str, suffix: str = "") -> list[Path]:
     """Files of an installed distribution below the folder `under`, sorted."""
-    dist = _dist(name)
+    dist = installed(name)
     found = sorted(str(f) for f in dist.files or [] if str(f).startswith(under) and str(f).endswith(suffix))
     if not found:
         raise MissingPackageError(f"package {name!r} {dist.version} has no files under {under!r}: {INSTALL_HINT}")
@@ -46,7 +49,7 @@ def package_files(name: str, under: str, suffix: str = "") -> list[Path]:
 
 
 def package_version(name: str) -> str:
-    return _dist(name).version
+    return installed(name).version
 
 
 # ---- one reader per packaged set ----------------------------------------------------------------
