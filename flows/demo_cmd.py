@@ -1,6 +1,6 @@
 """`toss demo` (what `make run` runs) and `toss import-model`.
 
-    toss demo                       # SmolLM2-135M on CPU: aligned base, six methods x 3 seeds, two judges (~65 min)
+    toss demo                       # SmolLM2-135M on CPU: aligned base, six methods x 3 seeds, two judges (~31 min)
     toss demo --quick               # the same comparison on the tiny random model and placeholder data (~2 min)
     toss demo --all                 # every baseline (adds first-k, sample-level, safety-/utility-only), 3 seeds
     toss import-model model.gguf --out models/smollm2
