@@ -120,15 +120,16 @@ def _cfg(**kw):
 
 def test_training_lowers_the_loss_and_writes_a_peft_adapter(tiny_model_dir, tmp_path):
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+
+    from toss_core.models import load_with_adapter
 
     data = examples(24, all_discarded={0, 5})
     metrics = train_lora(tiny_model_dir, data, _cfg(epochs=3), tmp_path / "a", progress=False)
     losses = [h["loss"] for h in metrics["history"]]
     assert all(math.isfinite(x) for x in losses)
     assert losses[-1] < losses[0]
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "a")
-    assert any("lora_A" in n for n, _ in model.named_parameters())
+    model = load_with_adapter(tiny_model_dir, tmp_path / "a")  # PeftModel.from_pretrained underneath
+    assert isinstance(model, PeftModel) and any("lora_A" in n for n, _ in model.named_parameters())
     assert (tmp_path / "a" / "train_config.json").exists()
 
 
@@ -239,3 +240,16 @@ def test_packed_micro_batches_train_the_same_adapter_as_padded_ones(tiny_model_d
     b = load_file(str(tmp_path / "False" / "adapter_model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)  # float rounding over 6 Adam steps
+
+
+def test_building_and_loading_an_adapter_prints_no_peft_deprecation_warning(tiny_model_dir, tmp_path):
+    """peft touches transformers' deprecated `is_gradient_checkpointing`; every stage printed it to the user."""
+    import warnings
+
+    from toss_core.config import LoraConfig
+    from toss_core.models import attach_lora, load_model, load_with_adapter
+
+    with warnings.catch_warnings(record=True) as caught:
+        attach_lora(load_model(tiny_model_dir), LoraConfig(r=4, alpha=8), seed=0).save_pretrained(tmp_path / "a")
+        load_with_adapter(tiny_model_dir, tmp_path / "a")
+    assert [str(w.message) for w in caught if "is_gradient_checkpointing" in str(w.message)] == []

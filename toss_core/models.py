@@ -7,10 +7,12 @@ so tests and the quick pipeline need no weights at all.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import threading
+import warnings
 from pathlib import Path
 
 import torch
@@ -117,6 +119,17 @@ def load_model(path: str | Path, dtype: str = "float32", device: str | torch.dev
         return model.to(device).eval()
 
 
+@contextlib.contextmanager
+def _without_peft_deprecation_noise():
+    """peft reads transformers' deprecated `is_gradient_checkpointing` alias on every adapter it builds or
+    loads: one FutureWarning per stage that says nothing about the user's run (a demo printed ~100). Only
+    that message is silenced, and only here: a module-level filter is lost whenever a caller's
+    `catch_warnings` ends. Callers hold LOAD_LOCK, since `catch_warnings` swaps process-wide state."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def attach_lora(model, cfg: LoraConfig, seed: int | None = None):
     """A fresh LoRA adapter. With `seed`, its A matrices come from a private generator, so two
     trainings running in threads of one process (parallel reference models) cannot change each
@@ -127,7 +140,8 @@ def attach_lora(model, cfg: LoraConfig, seed: int | None = None):
         r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules),
         task_type="CAUSAL_LM", bias="none",
     )
-    model = get_peft_model(model, peft_cfg)
+    with LOAD_LOCK, _without_peft_deprecation_noise():
+        model = get_peft_model(model, peft_cfg)
     if seed is not None:
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
@@ -145,7 +159,7 @@ def load_with_adapter(base_path: str | Path, adapter_dir: str | Path | None, dty
         return model
     from peft import PeftModel
 
-    with LOAD_LOCK:
+    with LOAD_LOCK, _without_peft_deprecation_noise():
         return PeftModel.from_pretrained(model, str(adapter_dir)).to(device).eval()
 
 
