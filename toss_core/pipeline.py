@@ -105,10 +105,10 @@ def run_pipeline(cfg: PipelineConfig, store: ArtifactStore | None = None, *, pro
         for name in ("custom", "harmful", "utility")
     }
 
-    def train(role, sources, recipe):
+    def train(role, sources):
         f = ("finetune" if role == "finetune" else "train_reference") in force
-        return step(f"train {role}", train_stage(store, role, model, sources, recipe, dtype=cfg.model.dtype,
-                                                 force=f, progress=progress)).ref
+        return step(f"train {role}", train_stage(store, role, model, sources, train_recipe(cfg, role),
+                                                 dtype=cfg.model.dtype, force=f, progress=progress)).ref
 
     def score(adapter, label):
         return [step(f"score {label} {i + 1}/{cfg.score.shards}",
@@ -120,19 +120,18 @@ def run_pipeline(cfg: PipelineConfig, store: ArtifactStore | None = None, *, pro
         return step(f"select {label}", select_stage(store, tok["custom"], util_scores, safety_scores, cfg.select,
                                                     force="select" in force))
 
-    safety = train("safety", [TrainSource(tokens=tok["harmful"])], cfg.reference)
-    utility = train("utility", [TrainSource(tokens=tok["utility"])], cfg.reference)
+    safety = train("safety", [TrainSource(tokens=tok["harmful"])])
+    utility = train("utility", [TrainSource(tokens=tok["utility"])])
     util_scores = score(utility, "utility")  # fixed across TOSS-Pro rounds
     safety_scores = score(safety, "safety")
     mask = round0 = select(util_scores, safety_scores, "round 0")
 
     chosen: set[int] = set()
     for r in range(1, cfg.pro.rounds + 1 if pro else 1):
-        safety = train(f"safety-r{r}", pro_sources(store, tok["harmful"], tok["custom"], mask.ref, cfg, chosen),
-                       cfg.reference)
+        safety = train(f"safety-r{r}", pro_sources(store, tok["harmful"], tok["custom"], mask.ref, cfg, chosen))
         mask = select(util_scores, score(safety, f"safety-r{r}"), f"round {r}")
 
-    train("finetune", [TrainSource(tokens=tok["custom"], mask=mask.ref, labels="keep")], cfg.finetune)
+    train("finetune", [TrainSource(tokens=tok["custom"], mask=mask.ref, labels="keep")])
     res.final["mask"], res.final["finetune"] = mask, res.steps[-1][1]
 
     if cfg.eval.enabled:  # baselines + generations + judges + report (toss_core/evaluation.py)

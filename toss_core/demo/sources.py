@@ -38,7 +38,6 @@ def installed(name: str, needed_by: str = "the demo", hint: str = INSTALL_HINT,
         raise error(f"{needed_by} needs package {name!r}: {hint}") from None
 
 
-
 def package_files(name: str, under: str, suffix: str = "") -> list[Path]:
     """Files of an installed distribution below the folder `under`, sorted."""
     dist = installed(name)
